@@ -1,0 +1,477 @@
+"""One typed config tree for every run.
+
+Defaults here describe the embedded miniature run; YAML files in `configs/` only override them,
+and `key=value` dotted overrides on the command line override the YAML. Unknown keys, wrong
+types and violated invariants raise `ConfigError` at load time, naming the field and the fix,
+before Ray, a GPU or a model is touched. `python -m treegrpo_ray.run --help` prints every field
+with the one-line doc written next to it here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and how to fix it."""
+
+
+def doc(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a one-line doc (shown by --help)."""
+    if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: _copy(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _copy(x):
+    return dataclasses.replace(x) if dataclasses.is_dataclass(x) else type(x)(x)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    pretrained: str = doc("miniature", "diffusers pipeline: 'miniature' (shipped), a hub id or a local directory")
+    kind: str = doc("flow", "flow (SD3/SD3.5 flow matching) | ddim (epsilon-prediction UNet, e.g. SD1.5)")
+    dtype: str = doc("float32", "weights dtype of the trainable model: float32 | bfloat16 | float16")
+    device: str = doc("auto", "auto (cuda if available) | cpu | cuda")
+    resolution: int = doc(32, "image height = width in pixels (SD3.5-medium: 512)")
+    guidance_scale: float = doc(4.5, "classifier-free guidance scale in sampler and learner (<= 1 disables CFG)")
+    max_sequence_length: int = doc(16, "T5 tokens per prompt (SD3: up to 256; miniature has no T5)")
+    lora_rank: int = doc(0, "LoRA rank on the transformer; 0 = full fine-tune")
+    lora_alpha: int = doc(0, "LoRA alpha; 0 = same as rank")
+    lora_targets: tuple[str, ...] = doc(("to_q", "to_k", "to_v", "to_out.0"), "module names LoRA adapts")
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    variant: str = doc("tree", "tree (TreeGRPO) | flat (DanceGRPO/Flow-GRPO) | mix (MixGRPO)")
+    num_steps: int = doc(10, "T, denoising steps per trajectory")
+    k: int = doc(3, "branching factor: children per node inside the SDE window (tree)")
+    depth: int = doc(3, "d, SDE window length in steps; tree has k**d leaves")
+    window: str = doc("random", "window placement: random (paper) | sliding (authors' code)")
+    shift_every: int = doc(1, "sliding window: iterations between one-step shifts (tau)")
+    max_window_start: int = doc(-1, "last allowed window start; -1 = num_steps - depth")
+    noise_level: float = doc(0.7, "eta, SDE noise level (Flow-GRPO form)")
+    group_size: int = doc(0, "flat/mix: trajectories per prompt; 0 = k**depth (equal leaves to tree)")
+    train_fraction: float = doc(0.6, "flat: fraction of the T steps trained per trajectory")
+    share_initial_noise: bool = doc(False, "flat: all trajectories of a prompt start from the same noise")
+    trees_per_prompt: int = doc(1, "trees (or groups) grown per prompt per iteration")
+    logprob_reduction: str = doc("mean", "log-prob reduction over latent elements: mean (peers) | sum (exact density)")
+    max_batch: int = doc(0, "max nodes per transformer call while sampling; 0 = no limit")
+
+    @property
+    def leaves_per_tree(self) -> int:
+        return self.k ** self.depth if self.variant == "tree" else (self.group_size or self.k ** self.depth)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_cpus: float = doc(1.0, "CPUs per actor / learner worker")
+    num_gpus: float = doc(0.0, "GPUs per actor / learner worker")
+    resources: dict[str, float] = doc({}, "Ray custom resources per actor, e.g. {sampler_slot: 1} to pin a pool to its node group")
+    label_selector: dict[str, str] = doc({}, "Ray node labels the actor must land on (Ray >= 2.49)")
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    samplers: int = doc(1, "sampler actors (grow trees)")
+    rewards: int = doc(1, "reward actors (decode + score leaves)")
+    sampler: ResourcesConfig = doc(ResourcesConfig(), "resources of each sampler actor")
+    reward: ResourcesConfig = doc(ResourcesConfig(), "resources of each reward actor")
+    max_restarts: int = doc(3, "Ray restarts of a crashed sampler/reward actor (-1 = unlimited)")
+    max_task_retries: int = doc(3, "retries of a call lost with its actor")
+    reward_chunk: int = doc(0, "leaves per reward call; 0 = one call per sampler batch")
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    name: str = doc("miniature", "scorer: miniature | hpsv2 | clipscore | jpeg_compressibility | jpeg_incompressibility")
+    weight: float = doc(1.0, "weight in the combined reward")
+    checkpoint: str = doc("", "checkpoint file or directory ('' = the scorer's default / HF cache)")
+    model_name: str = doc("", "open_clip architecture for hpsv2/clipscore ('' = scorer default)")
+    version: str = doc("", "hpsv2: v2.1 | v2.0 ('' = v2.1)")
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    terms: tuple[RewardTerm, ...] = doc((RewardTerm(),), "reward terms; YAML list of {name, weight, checkpoint, ...}")
+    aggregate: str = doc("raw", "raw: normalise the weighted sum | advantage: normalise each reward, then weight")
+    max_nonfinite_fraction: float = doc(0.25, "drop NaN/inf-scored leaves up to this fraction of an iteration, else fail")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = doc(1e-4, "AdamW learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: tuple[float, ...] = doc((0.9, 0.999), "AdamW betas")
+    clip_eps: float = doc(0.2, "PPO/GRPO ratio clip epsilon (authors' SD3.5 code: 1e-4)")
+    adv_eps: float = doc(1e-4, "epsilon added to the per-prompt reward std")
+    adv_clip: float = doc(5.0, "clip normalised leaf advantages to +-adv_clip")
+    weighting: str = doc("uniform", "value propagation: uniform (authors' code) | softmax (paper, by old log-prob)")
+    temperature: float = doc(1.0, "softmax weighting temperature")
+    kl_beta: float = doc(0.0, "weight of the KL-to-reference term (Flow-GRPO form); 0 = off")
+    grad_clip: float = doc(1.0, "max gradient norm; 0 = no clipping")
+    minibatches: int = doc(1, "optimizer steps per iteration (decisions split evenly)")
+    epochs: int = doc(1, "passes over an iteration's decisions")
+    micro_batch: int = doc(0, "decisions per forward/backward (gradient accumulation); 0 = whole minibatch")
+    workers: int = doc(1, "Ray Train data-parallel learner workers")
+    strategy: str = doc("ddp", "ddp | fsdp (full fine-tune of large models on GPU)")
+    resources: ResourcesConfig = doc(ResourcesConfig(), "resources of each learner worker")
+    max_bad_updates: int = doc(3, "consecutive skipped (non-finite / exploding) updates before the run stops")
+    explode_factor: float = doc(100.0, "an update whose grad norm exceeds this x the running median is skipped")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    mlflow_uri: str = doc("", "MLflow tracking URI; '' = $MLFLOW_TRACKING_URI or sqlite in output_dir")
+    experiment: str = doc("treegrpo", "MLflow experiment name")
+    run_name: str = doc("", "MLflow run name; '' = generated")
+    output_dir: str = doc("outputs", "root of run outputs (checkpoints, samples, exported weights)")
+    sample_grid_every: int = doc(10, "log a sample grid image every N iterations; 0 = never")
+    progress: bool = doc(True, "print one progress line per iteration")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = doc(10, "save a checkpoint every N iterations; 0 = only at the end")
+    keep: int = doc(2, "checkpoints kept on disk (older ones are deleted after a newer one is complete)")
+    resume: str = doc("", "'' = fresh run | 'latest' = newest complete checkpoint in output dir | a checkpoint dir")
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = doc(0, "seed for noise, windows and init; same seed -> same run")
+    iterations: int = doc(30, "training iterations (sample -> score -> update)")
+    prompts: str = doc("miniature", "'miniature' (the world's train prompts) or a text file, one prompt per line")
+    prompts_per_iteration: int = doc(4, "prompts per iteration, split evenly over samplers")
+    eval_every: int = doc(5, "evaluate on held-out prompts every N iterations; 0 = never")
+    eval_prompts: int = doc(16, "held-out prompts per evaluation")
+    max_staleness: int = doc(0, "accept trees grown by weights at most this many versions old; 0 = on-policy")
+    mode: str = doc("ray", "ray (actors + Ray Train) | local (everything in this process, for debugging/tests)")
+    ray_address: str = doc("", "Ray cluster address; '' = $RAY_ADDRESS, else start a local instance")
+    ray_num_cpus: int = doc(0, "CPUs of a locally started Ray instance; 0 = all")
+    model: ModelConfig = doc(ModelConfig(), "policy model")
+    tree: TreeConfig = doc(TreeConfig(), "sampler shape and variant")
+    rewards: RewardsConfig = doc(RewardsConfig(), "reward models and how they combine")
+    learner: LearnerConfig = doc(LearnerConfig(), "GRPO update")
+    pools: PoolsConfig = doc(PoolsConfig(), "sampler and reward actor pools")
+    tracking: TrackingConfig = doc(TrackingConfig(), "MLflow and outputs")
+    checkpoint: CheckpointConfig = doc(CheckpointConfig(), "checkpointing and resume")
+
+
+KNOWN_REWARDS = ("miniature", "hpsv2", "clipscore", "jpeg_compressibility", "jpeg_incompressibility")
+_CHOICES = {
+    "model.kind": ("flow", "ddim"), "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.device": ("auto", "cpu", "cuda"), "tree.variant": ("tree", "flat", "mix"),
+    "tree.window": ("random", "sliding"), "tree.logprob_reduction": ("mean", "sum"),
+    "rewards.aggregate": ("raw", "advantage"), "learner.weighting": ("uniform", "softmax"),
+    "learner.strategy": ("ddp", "fsdp"), "mode": ("ray", "local"),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- dotted `key=value` overrides; then type-check and validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file (see configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. tree.k=3")
+        _set_dotted(raw, key.strip(), _parse_scalar(value.strip()))
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            node = node[_list_index(node, part, key)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else -1
+        if idx == len(node):
+            node.append(value)
+        else:
+            node[_list_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) > len(node):
+        raise ConfigError(f"override {key!r}: {part!r} is not a valid list index (list has {len(node)} items)")
+    if int(part) == len(node):
+        node.append({})
+    return int(part)
+
+
+def _build(cls, raw: Any, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        near = ", ".join(sorted(names))
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {near}")
+    kwargs = {}
+    for name in raw:
+        kwargs[name] = _coerce(hints[name], raw[name], prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r} (quote it in YAML)")
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{key}.{i}") for i, v in enumerate(value))
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+# ----------------------------------------------------------------------------- invariants
+
+def _check(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}; {fix}")
+
+
+def validate(cfg: Config) -> Config:
+    """Every cross-field invariant, in one place. Raises ConfigError naming the field and fix."""
+    for key, allowed in _CHOICES.items():
+        value = get_dotted(cfg, key)
+        _check(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}", "pick one of those")
+    t, lr = cfg.tree, cfg.learner
+    _check(t.num_steps >= 2, "tree.num_steps", f"{t.num_steps} steps is too few", "use >= 2 (paper: 10)")
+    _check(t.depth >= 1, "tree.depth", f"window depth {t.depth} < 1", "use depth >= 1 (paper: 3)")
+    _check(t.depth <= t.num_steps, "tree.depth", f"window of {t.depth} steps does not fit in {t.num_steps} steps",
+           "lower tree.depth or raise tree.num_steps")
+    if t.variant == "tree":
+        _check(t.k >= 2, "tree.k", f"branching factor {t.k} < 2 grows no tree", "use k >= 2 (paper: 3)")
+        _check(t.k ** t.depth <= 4096, "tree.k", f"k**depth = {t.k ** t.depth} leaves per tree is too many",
+               "lower tree.k or tree.depth")
+    _check(t.max_window_start <= t.num_steps - t.depth, "tree.max_window_start",
+           f"window starting at {t.max_window_start} runs past the last step {t.num_steps - 1} with depth {t.depth}",
+           f"use at most num_steps - depth = {t.num_steps - t.depth}, or -1")
+    _check(t.max_window_start >= -1, "tree.max_window_start", "must be >= -1", "use -1 for 'num_steps - depth'")
+    _check(t.shift_every >= 1, "tree.shift_every", "must be >= 1", "use 1 to shift every iteration")
+    _check(t.noise_level >= 0 and math.isfinite(t.noise_level), "tree.noise_level", "must be finite and >= 0",
+           "use e.g. 0.7")
+    _check(t.group_size >= 0, "tree.group_size", "must be >= 0", "use 0 for k**depth")
+    _check(0 < t.train_fraction <= 1, "tree.train_fraction", f"{t.train_fraction} is outside (0, 1]", "use e.g. 0.6")
+    _check(t.trees_per_prompt >= 1, "tree.trees_per_prompt", "must be >= 1", "use 1")
+    _check(t.max_batch >= 0, "tree.max_batch", "must be >= 0", "use 0 for no limit")
+    if t.variant != "tree":
+        _check(t.leaves_per_tree >= 2, "tree.group_size", "GRPO needs >= 2 trajectories per prompt", "use >= 2")
+    _check(cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution",
+           f"{cfg.model.resolution} is not a positive multiple of 8", "use e.g. 32 (miniature) or 512")
+    _check(cfg.model.lora_rank >= 0, "model.lora_rank", "must be >= 0", "use 0 for full fine-tune")
+    _check(cfg.model.max_sequence_length >= 1, "model.max_sequence_length", "must be >= 1", "use e.g. 16 or 256")
+    _validate_learner(cfg)
+    _validate_rewards(cfg)
+    _validate_pools(cfg)
+    _check(cfg.iterations >= 1, "iterations", f"{cfg.iterations} < 1", "train at least 1 iteration")
+    _check(cfg.prompts_per_iteration >= 1, "prompts_per_iteration", "must be >= 1", "use e.g. 4")
+    _check(cfg.prompts_per_iteration % cfg.pools.samplers == 0, "prompts_per_iteration",
+           f"{cfg.prompts_per_iteration} prompts do not split evenly over {cfg.pools.samplers} samplers",
+           "make prompts_per_iteration a multiple of pools.samplers")
+    _check(cfg.max_staleness >= 0, "max_staleness", "must be >= 0", "use 0 for strictly on-policy")
+    _check(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every", "eval_every >= 0 and eval_prompts >= 1",
+           "use e.g. eval_every=5 eval_prompts=16")
+    _check(cfg.prompts.strip() != "", "prompts", "is empty", "use 'miniature' or a prompt file path")
+    _check(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.keep",
+           "checkpoint.every must be >= 0 and checkpoint.keep >= 1", "e.g. every=10 keep=2")
+    return cfg
+
+
+def decisions_per_iteration(cfg: Config) -> int:
+    """Training decisions one iteration produces (what the learner splits over workers)."""
+    t = cfg.tree
+    groups = cfg.prompts_per_iteration * t.trees_per_prompt
+    if t.variant == "tree":
+        return groups * (t.k ** t.depth - 1) // (t.k - 1)
+    per_traj = max(1, round(t.train_fraction * t.num_steps)) if t.variant == "flat" else t.depth
+    return groups * t.leaves_per_tree * per_traj
+
+
+def _validate_learner(cfg: Config) -> None:
+    lr = cfg.learner
+    for key in ("lr", "clip_eps", "adv_eps", "adv_clip", "temperature", "explode_factor"):
+        v = getattr(lr, key)
+        _check(math.isfinite(v) and v > 0, f"learner.{key}", f"{v} must be a finite number > 0", "see --help for typical values")
+    _check(lr.kl_beta >= 0 and lr.grad_clip >= 0 and lr.weight_decay >= 0, "learner.kl_beta",
+           "kl_beta, grad_clip and weight_decay must be >= 0", "use 0 to turn each off")
+    _check(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas", f"{lr.betas} is not two values in [0, 1)",
+           "use [0.9, 0.999]")
+    _check(lr.workers >= 1 and lr.minibatches >= 1 and lr.epochs >= 1, "learner.workers",
+           "workers, minibatches and epochs must be >= 1", "use 1")
+    _check(lr.micro_batch >= 0 and lr.max_bad_updates >= 1, "learner.micro_batch",
+           "micro_batch must be >= 0 and max_bad_updates >= 1", "use micro_batch=0 and max_bad_updates=3")
+    n, parts = decisions_per_iteration(cfg), lr.workers * lr.minibatches
+    _check(n % parts == 0, "learner.minibatches",
+           f"{n} decisions per iteration do not split evenly into workers x minibatches = {parts} "
+           "(every DDP rank must take the same number of steps)",
+           "change learner.workers/learner.minibatches or prompts_per_iteration so they divide the decision count")
+    _check(lr.strategy == "ddp" or lr.resources.num_gpus > 0, "learner.strategy",
+           "fsdp needs GPUs", "use learner.strategy=ddp on CPU")
+
+
+def _validate_rewards(cfg: Config) -> None:
+    terms = cfg.rewards.terms
+    _check(len(terms) >= 1, "rewards.terms", "no reward terms", "name at least one, e.g. [{name: miniature}]")
+    names = [t.name for t in terms]
+    for i, t in enumerate(terms):
+        _check(t.name in KNOWN_REWARDS, f"rewards.terms.{i}.name", f"unknown reward {t.name!r}",
+               f"use one of {', '.join(KNOWN_REWARDS)}")
+        _check(math.isfinite(t.weight), f"rewards.terms.{i}.weight", f"{t.weight} is not finite", "use a finite weight")
+        _check(t.version in ("", "v2.0", "v2.1"), f"rewards.terms.{i}.version", f"{t.version!r} unknown", "use v2.1 or v2.0")
+    _check(len(set(names)) == len(names), "rewards.terms", f"duplicate reward names {names}", "list each reward once")
+    total = sum(t.weight for t in terms)
+    _check(total > 0, "rewards.terms", f"weights sum to {total}; the combined reward would be zero or inverted",
+           "give the terms positive weights (e.g. 1.0, or 0.7 / 0.3)")
+    _check(0 <= cfg.rewards.max_nonfinite_fraction < 1, "rewards.max_nonfinite_fraction", "must be in [0, 1)", "use 0.25")
+
+
+def _validate_pools(cfg: Config) -> None:
+    p = cfg.pools
+    _check(p.samplers >= 1 and p.rewards >= 1, "pools.samplers", "each pool needs >= 1 actor", "use pools.samplers>=1 pools.rewards>=1")
+    _check(p.max_restarts >= -1 and p.max_task_retries >= -1 and p.reward_chunk >= 0, "pools.max_restarts",
+           "max_restarts/max_task_retries must be >= -1 and reward_chunk >= 0", "use -1 for unlimited")
+    for key, r in (("pools.sampler", p.sampler), ("pools.reward", p.reward), ("learner.resources", cfg.learner.resources)):
+        _check(r.num_cpus >= 0 and r.num_gpus >= 0, key, "num_cpus and num_gpus must be >= 0", "use e.g. num_cpus=1")
+        for name, amount in r.resources.items():
+            _check(amount > 0, f"{key}.resources.{name}", f"amount {amount} must be > 0", "remove it or use a positive amount")
+    if cfg.model.device == "cuda":
+        _check(p.sampler.num_gpus > 0 and cfg.learner.resources.num_gpus > 0, "pools.sampler.num_gpus",
+               "model.device=cuda but samplers or learner workers request no GPU",
+               "set pools.sampler.num_gpus and learner.resources.num_gpus (e.g. 1)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[int(part)] if isinstance(cfg, tuple) else getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dict/list version (YAML/JSON-serialisable)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+_SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential")
+
+
+def flatten(cfg: Config, *, redact: bool = True) -> dict[str, str]:
+    """`a.b.c -> str(value)` for MLflow params; values of secret-looking keys or URIs with
+    credentials (user:pass@host) are replaced by '***'."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}{i}.")
+        else:
+            key = prefix.rstrip(".")
+            text = str(node)
+            if redact and (any(w in key.lower() for w in _SECRET_WORDS) or _has_userinfo(text)):
+                text = "***"
+            out[key] = text
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def _has_userinfo(text: str) -> bool:
+    head, sep, rest = text.partition("://")
+    return bool(sep) and "@" in rest.split("/", 1)[0] and ":" in rest.split("@", 1)[0]
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """One line per field: `key (type) = default  -- doc`, for --help."""
+    lines = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{prefix}{f.name}.*  -- {f.metadata.get('help', '')}")
+            lines += describe(type(value), f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} = {to_dict(value)!r}  -- {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,131 @@
+"""Typed data contracts between the stages (sampler -> reward pool -> learner).
+
+One representation serves all three variants (`tree`, `flat`, `mix`):
+
+* A **node** is a latent state inside the stochastic part of a trajectory. Nodes form a forest:
+  ``parent[m]`` is the index of node m's parent, or -1 for a root (the node at the window start
+  for `tree`; the first trained state of each trajectory for `flat`/`mix`).
+* A **decision** is a node that was expanded with one SDE step: one model forward gave the
+  Gaussian N(mu, s^2) and ``K`` children were drawn from it (K = k for `tree`, 1 for `flat`/`mix`).
+  Decisions are what the learner trains on: one forward per decision, K log-probs per forward.
+* A **leaf** is the final latent after the deterministic (ODE) tail, one per deepest node;
+  ``leaf_node[l]`` is the node the leaf grew from (the leaf inherits that node's value).
+
+The value of every node comes from `algo.advantages.edge_advantages(parent, leaf_values)` and
+the advantage of the edge decision -> child is the value of the child node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class TreeBatch:
+    """Everything a sampler produced in one call. Shapes: N decisions, K children per decision,
+    M nodes, L leaves, (C, H, W) latent shape, T denoising steps."""
+
+    prompts: list[str]            # the distinct prompts of this batch; indices below point here
+    sigmas: torch.Tensor          # (T+1,) float32 noise levels, sigmas[0] = 1 (noise) ... sigmas[T] = 0
+    # decisions (training units)
+    latents: torch.Tensor         # (N, C, H, W) state x_u the decision was taken from
+    step_index: torch.Tensor      # (N,) long, i: the step went sigmas[i] -> sigmas[i+1]
+    children: torch.Tensor        # (N, K, C, H, W) sampled children x_c
+    old_log_probs: torch.Tensor   # (N, K) float32 log-prob of each child under the sampling policy
+    child_node: torch.Tensor      # (N, K) long, node index of each child
+    decision_prompt: torch.Tensor  # (N,) long, index into `prompts`
+    # node forest
+    parent: torch.Tensor          # (M,) long, parent node index or -1
+    node_log_prob: torch.Tensor   # (M,) float32 old log-prob of the edge into the node (0 for roots)
+    # leaves
+    leaf_latents: torch.Tensor    # (L, C, H, W) final latents, decoded and scored by the reward pool
+    leaf_node: torch.Tensor       # (L,) long, node each leaf grew from
+    leaf_prompt: torch.Tensor     # (L,) long, index into `prompts`
+    tree_index: torch.Tensor      # (L,) long, which tree/group (unique across a merged batch)
+    # bookkeeping
+    policy_version: int = 0       # version of the weights that grew this batch
+    nfe: int = 0                  # transformer calls actually spent (CFG pair counts as one)
+    variant: str = "tree"
+    extras: dict = field(default_factory=dict)  # free-form sampler metrics (floats only)
+
+    @property
+    def num_decisions(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_leaves(self) -> int:
+        return self.leaf_latents.shape[0]
+
+    def validate(self) -> "TreeBatch":
+        """Check shapes and index ranges; raise ValueError naming the field at fault."""
+        n, m, l = self.latents.shape[0], self.parent.shape[0], self.leaf_latents.shape[0]
+        if self.children.dim() != 5 or self.children.shape[0] != n:
+            raise ValueError(f"TreeBatch.children must be (N, K, C, H, W) with N={n}, got {tuple(self.children.shape)}")
+        k = self.children.shape[1]
+        if self.children.shape[2:] != self.latents.shape[1:]:
+            raise ValueError("TreeBatch.children latent shape differs from TreeBatch.latents")
+        for name, t, shape in (("old_log_probs", self.old_log_probs, (n, k)), ("child_node", self.child_node, (n, k)),
+                               ("step_index", self.step_index, (n,)), ("decision_prompt", self.decision_prompt, (n,)),
+                               ("node_log_prob", self.node_log_prob, (m,)), ("leaf_node", self.leaf_node, (l,)),
+                               ("leaf_prompt", self.leaf_prompt, (l,)), ("tree_index", self.tree_index, (l,))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"TreeBatch.{name} must have shape {shape}, got {tuple(t.shape)}")
+        for name, t, hi in (("child_node", self.child_node, m), ("leaf_node", self.leaf_node, m),
+                            ("decision_prompt", self.decision_prompt, len(self.prompts)),
+                            ("leaf_prompt", self.leaf_prompt, len(self.prompts)),
+                            ("step_index", self.step_index, self.sigmas.shape[0] - 1)):
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= hi):
+                raise ValueError(f"TreeBatch.{name} has indices outside [0, {hi})")
+        if m and (int(self.parent.max()) >= m or int(self.parent.min()) < -1):
+            raise ValueError("TreeBatch.parent has indices outside [-1, M)")
+        if not torch.isfinite(self.old_log_probs).all():
+            raise ValueError("TreeBatch.old_log_probs contains NaN/inf: the sampler produced a degenerate step")
+        return self
+
+    def to(self, device) -> "TreeBatch":
+        moved = {f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}
+        return replace(self, **moved)
+
+
+_TENSOR_FIELDS = ("sigmas", "latents", "step_index", "children", "old_log_probs", "child_node", "decision_prompt",
+                  "parent", "node_log_prob", "leaf_latents", "leaf_node", "leaf_prompt", "tree_index")
+
+
+def merge_batches(batches: list[TreeBatch]) -> TreeBatch:
+    """Concatenate sampler outputs of one iteration into one batch, re-basing node, prompt and
+    tree indices. Prompts are de-duplicated by string so per-prompt normalisation sees every leaf
+    of a prompt, whichever sampler grew it. All batches must share sigmas, K and variant."""
+    if not batches:
+        raise ValueError("merge_batches needs at least one TreeBatch")
+    prompts: list[str] = []
+    index = {}
+    for b in batches:
+        for p in b.prompts:
+            if p not in index:
+                index[p] = len(prompts)
+                prompts.append(p)
+    parts = {f: [] for f in _TENSOR_FIELDS if f != "sigmas"}
+    node_off = tree_off = 0
+    for b in batches:
+        if not torch.equal(b.sigmas, batches[0].sigmas) or b.variant != batches[0].variant:
+            raise ValueError("merge_batches: batches disagree on sigmas or variant")
+        remap = torch.tensor([index[p] for p in b.prompts], dtype=torch.long)
+        parts["latents"].append(b.latents)
+        parts["step_index"].append(b.step_index)
+        parts["children"].append(b.children)
+        parts["old_log_probs"].append(b.old_log_probs)
+        parts["child_node"].append(b.child_node + node_off)
+        parts["decision_prompt"].append(remap[b.decision_prompt] if b.decision_prompt.numel() else b.decision_prompt)
+        parts["parent"].append(torch.where(b.parent >= 0, b.parent + node_off, b.parent))
+        parts["node_log_prob"].append(b.node_log_prob)
+        parts["leaf_latents"].append(b.leaf_latents)
+        parts["leaf_node"].append(b.leaf_node + node_off)
+        parts["leaf_prompt"].append(remap[b.leaf_prompt] if b.leaf_prompt.numel() else b.leaf_prompt)
+        parts["tree_index"].append(b.tree_index + tree_off)
+        node_off += b.parent.shape[0]
+        tree_off += int(b.tree_index.max()) + 1 if b.tree_index.numel() else 0
+    merged = TreeBatch(prompts=prompts, sigmas=batches[0].sigmas, **{f: torch.cat(v) for f, v in parts.items()},
+                       policy_version=min(b.policy_version for b in batches), nfe=sum(b.nfe for b in batches),
+                       variant=batches[0].variant)
+    return merged.validate()
