@@ -179,17 +179,18 @@ _CHOICES = {
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- dotted `key=value` overrides; then type-check and validate."""
-    raw: dict = {}
+    raw: dict = to_dict(Config())  # start from the defaults so list items can be overridden by index
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file (see configs/)")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(raw).__name__}")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+        raw = _merge(raw, loaded)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -198,6 +199,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep-merge mappings; anything else in `top` (lists included) replaces what is in `base`."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
 
 
 def _parse_scalar(text: str) -> Any:
@@ -241,7 +250,7 @@ def _build(cls, raw: Any, prefix: str):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -475,3 +484,8 @@ def describe(cls=Config, prefix: str = "") -> list[str]:
         else:
             lines.append(f"{prefix}{f.name} = {to_dict(value)!r}  -- {f.metadata.get('help', '')}")
     return lines
+
+
+def from_dict(raw: dict) -> Config:
+    """Rebuild a Config from `to_dict` output (how actors receive it), re-validated."""
+    return validate(_build(Config, raw, ""))

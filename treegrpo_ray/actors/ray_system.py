@@ -1,0 +1,243 @@
+"""The system on Ray: N_s sampler actors, N_r reward actors, a Ray Train learner and a
+WeightStore, each pool sized and placed from config (`.options(...)`, never hard-coded).
+
+Data flow per iteration: sampler i grows its trees and returns (batch, leaf chunks); as soon as
+a sampler finishes, its leaf chunks go *by reference* to the least-loaded reward actors (the
+driver never fetches leaf latents); rewards come back matched to their batch and chunk. The
+merged batch goes to the learner with one `ray.put` and W gets.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+
+import ray
+import torch
+from ray.util.queue import Empty, Queue
+
+from treegrpo_ray.actors.reward_actor import RewardActor
+from treegrpo_ray.actors.sampler_actor import SamplerActor
+from treegrpo_ray.actors.train_loop import learner_loop
+from treegrpo_ray.actors.weight_store import WeightStore
+from treegrpo_ray.config import Config, ConfigError, ResourcesConfig, to_dict
+from treegrpo_ray.system import Collected, SampleRequest
+
+REPLY_TIMEOUT_S = float(os.environ.get("TREEGRPO_REPLY_TIMEOUT_S", "1800"))
+
+
+def actor_options(r: ResourcesConfig, *, max_restarts: int, max_task_retries: int) -> dict:
+    opts = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, max_restarts=max_restarts,
+                max_task_retries=max_task_retries, max_concurrency=1)
+    if r.resources:
+        opts["resources"] = dict(r.resources)
+    if r.label_selector:
+        opts["label_selector"] = dict(r.label_selector)
+    return opts
+
+
+def cluster_demand(cfg: Config) -> dict[str, float]:
+    """Total resources the run asks for (CPU, GPU and custom)."""
+    demand: dict[str, float] = {}
+    for count, r in ((cfg.pools.samplers, cfg.pools.sampler), (cfg.pools.rewards, cfg.pools.reward),
+                     (cfg.learner.workers, cfg.learner.resources)):
+        for key, amount in (("CPU", r.num_cpus), ("GPU", r.num_gpus), *r.resources.items()):
+            demand[key] = demand.get(key, 0.0) + count * amount
+    return demand
+
+
+def connect(cfg: Config) -> bool:
+    """Join a cluster (ray_address / $RAY_ADDRESS / `ray job submit`) or start a loopback-only
+    local instance big enough for the pools. Returns True if we started it."""
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
+    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    demand = cluster_demand(cfg)
+    cpus = max(cfg.ray_num_cpus or os.cpu_count() or 1, math.ceil(demand.get("CPU", 0)) + 1)
+    custom = {k: v for k, v in demand.items() if k not in ("CPU", "GPU")}
+    if custom:
+        raise ConfigError(f"pools request custom resources {sorted(custom)} but no cluster is given: a local instance "
+                          "has none. Remove pools.*.resources / learner.resources.resources, or set ray_address to "
+                          "a cluster whose node groups declare them (see deploy/)")
+    if demand.get("GPU", 0) > (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise ConfigError(f"pools request {demand['GPU']} GPUs but this machine has "
+                          f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; lower pools.*.num_gpus / "
+                          "learner.resources.num_gpus or point ray_address at a GPU cluster")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env,
+             _node_ip_address="127.0.0.1", log_to_driver=True)
+    return True
+
+
+def check_placeable(cfg: Config) -> None:
+    """Fail before creating actors if a requested resource exists nowhere in the cluster."""
+    total = ray.cluster_resources()
+    for key, amount in cluster_demand(cfg).items():
+        if amount > 0 and total.get(key, 0.0) == 0.0 and not os.environ.get("TREEGRPO_ALLOW_PENDING"):
+            raise ConfigError(f"the pools request resource {key!r} but no node in the cluster has it; declare it in "
+                              "the node group's rayStartParams (deploy/) or drop it from the pool config "
+                              "(set TREEGRPO_ALLOW_PENDING=1 to wait for an autoscaler instead)")
+
+
+class RaySystem:
+    def __init__(self, cfg: Config, resume_from=None):
+        self.cfg, self.started = cfg, connect(cfg)
+        check_placeable(cfg)
+        cfg_dict, p = to_dict(cfg), cfg.pools
+        self.store = WeightStore.remote()
+        per_sampler = cfg.prompts_per_iteration // p.samplers * cfg.tree.trees_per_prompt * cfg.tree.leaves_per_tree
+        self.chunks = max(1, math.ceil(per_sampler / p.reward_chunk)) if p.reward_chunk else 1
+        sopts = actor_options(p.sampler, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
+        ropts = actor_options(p.reward, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
+        self.samplers = [ray.remote(SamplerActor).options(name=None, **sopts).remote(cfg_dict, self.store, self.chunks)
+                         for _ in range(p.samplers)]
+        self.rewards = [ray.remote(RewardActor).options(**ropts).remote(cfg_dict) for _ in range(p.rewards)]
+        self._start_learner(cfg_dict, resume_from)
+        ray.get([a.ready.remote() for a in self.samplers + self.rewards])
+
+    # -- learner ---------------------------------------------------------------------------------
+    def _start_learner(self, cfg_dict: dict, resume_from) -> None:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        lr = self.cfg.learner
+        self.inboxes = [Queue() for _ in range(lr.workers)]
+        self.outbox = Queue()
+        self.seq, self.version = 0, 0
+        res = {"CPU": lr.resources.num_cpus, **lr.resources.resources}
+        if lr.resources.num_gpus:
+            res["GPU"] = lr.resources.num_gpus
+        storage = os.path.abspath(os.path.join(self.cfg.tracking.output_dir, "ray_train"))
+        self.trainer = TorchTrainer(
+            learner_loop,
+            train_loop_config={"cfg": cfg_dict, "inboxes": self.inboxes, "outbox": self.outbox, "store": self.store,
+                               "resume_from": str(resume_from) if resume_from else None},
+            scaling_config=ScalingConfig(num_workers=lr.workers, use_gpu=lr.resources.num_gpus > 0,
+                                         resources_per_worker=res),
+            run_config=RunConfig(storage_path=storage, name=f"learner-{os.getpid()}-{int(time.time())}",
+                                 failure_config=FailureConfig(max_failures=max(self.cfg.pools.max_restarts, 0))))
+        self.fit_error: BaseException | None = None
+        self.fit_thread = threading.Thread(target=self._fit, daemon=True)
+        self.fit_thread.start()
+        self.version = self._reply("ready")["version"]
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # surfaced to the driver on its next wait
+            self.fit_error = e
+
+    def _send(self, cmd: dict) -> int:
+        self.seq += 1
+        cmd["seq"] = self.seq
+        for q in self.inboxes:
+            q.put(cmd)
+        return self.seq
+
+    def _reply(self, kind: str, seq: int | None = None) -> dict:
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.fit_error is not None:
+                raise RuntimeError(f"the learner (Ray Train) failed: {self.fit_error}") from self.fit_error
+            try:
+                msg = self.outbox.get(timeout=1.0)
+            except Empty:
+                if not self.fit_thread.is_alive():
+                    raise RuntimeError("the learner (Ray Train) stopped without answering")
+                continue
+            if msg["kind"] == kind and (seq is None or msg.get("seq") == seq):
+                return msg
+        raise TimeoutError(f"no {kind!r} reply from the learner within {REPLY_TIMEOUT_S} s")
+
+    # -- sampling + rewards ------------------------------------------------------------------------
+    def launch(self, requests: list[SampleRequest]):
+        opts = {"num_returns": 1 + self.chunks}
+        calls = [s.sample.options(**opts).remote(r.prompts, r.window_start, r.seed)
+                 for s, r in zip(self.samplers, requests)]
+        return time.perf_counter(), [c if isinstance(c, list) else [c] for c in calls]
+
+    def collect(self, handle) -> Collected:
+        t0, calls = handle
+        batches: dict[int, object] = {}
+        scores: dict[tuple[int, int], tuple] = {}
+        waiting = {refs[0]: i for i, refs in enumerate(calls)}
+        inflight: dict = {}
+        load = [0] * len(self.rewards)
+        out = Collected()
+        while waiting or inflight:
+            ready, _ = ray.wait(list(waiting) + list(inflight), num_returns=1, timeout=REPLY_TIMEOUT_S)
+            if not ready:
+                raise TimeoutError(f"no sampler or reward result within {REPLY_TIMEOUT_S} s")
+            ref = ready[0]
+            if ref in waiting:
+                i = waiting.pop(ref)
+                batch = batches[i] = ray.get(ref)
+                prompts = [batch.prompts[j] for j in batch.leaf_prompt.tolist()]
+                bounds = _chunk_bounds(len(prompts), self.chunks)
+                for c, leaf_ref in enumerate(calls[i][1:]):
+                    a = min(range(len(self.rewards)), key=load.__getitem__)  # least-loaded reward actor
+                    load[a] += 1
+                    lo, hi = bounds[c]
+                    inflight[self.rewards[a].score.remote(leaf_ref, prompts[lo:hi])] = (i, c, a)
+            else:
+                i, c, a = inflight.pop(ref)
+                load[a] -= 1
+                scores[(i, c)] = ray.get(ref)
+        for i in range(len(calls)):
+            parts = [scores[(i, c)] for c in range(self.chunks)]
+            rewards = {n: torch.cat([p[0][n] for p in parts]) for n in parts[0][0]}
+            batch = batches[i]
+            out.add(batch, rewards, sample_s=batch.extras.get("sample_s", 0.0), reward_s=sum(p[1] for p in parts))
+            out.restarts += int(batch.extras.get("reconstructed", 0.0)) + sum(int(p[2]) for p in parts)
+        out.wall_s = time.perf_counter() - t0
+        return out
+
+    # -- learner commands ----------------------------------------------------------------------------
+    def update(self, batch, leaf_advantages, iteration: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ref = ray.put(batch)
+        seq = self._send({"kind": "update", "batch": [ref], "leaf_adv": leaf_advantages, "iteration": iteration})
+        reply = self._reply("update", seq)
+        self.version = reply["version"]
+        metrics = dict(reply["metrics"])
+        metrics["time/learner_s"] = time.perf_counter() - t0
+        return metrics
+
+    def evaluate(self, prompts: list[str], seed: int):
+        latents = self.samplers[0].evaluate.remote(prompts, seed)
+        scores, _, _, images = ray.get(self.rewards[0].score.remote(latents, prompts, 16))
+        return scores, images
+
+    def save(self, root, iteration: int, run_state: dict, keep: int):
+        seq = self._send({"kind": "save", "root": str(root), "iteration": iteration, "run_state": run_state,
+                          "keep": keep})
+        return self._reply("save", seq)["path"]
+
+    def export(self, out_dir) -> str:
+        seq = self._send({"kind": "export", "dir": str(out_dir)})
+        return self._reply("export", seq)["path"]
+
+    def close(self) -> None:
+        try:
+            for q in self.inboxes:
+                q.put({"kind": "stop"})
+            self.fit_thread.join(timeout=60)
+        finally:
+            for a in self.samplers + self.rewards + [self.store]:
+                ray.kill(a)
+            if self.started:
+                ray.shutdown()
+
+
+def _chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
+    """The same split torch.tensor_split makes of n rows into `chunks` parts."""
+    q, r = divmod(n, chunks)
+    bounds, lo = [], 0
+    for c in range(chunks):
+        hi = lo + q + (1 if c < r else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds

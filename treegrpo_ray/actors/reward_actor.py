@@ -1,0 +1,27 @@
+"""Reward actor: holds the VAE and the scorers (loaded once), decodes leaf latents, scores them."""
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from treegrpo_ray import builders
+from treegrpo_ray.config import from_dict
+
+
+class RewardActor:
+    def __init__(self, cfg_dict: dict):
+        self.cfg = from_dict(cfg_dict)
+        builders.set_worker_threads(self.cfg.pools.reward.num_cpus)
+        self.model = builders.build_reward_model(self.cfg)
+
+    def score(self, latents: torch.Tensor, prompts: list[str], num_images: int = 0):
+        """-> (rewards per scorer, busy seconds, reconstructed?, first `num_images` decoded images)."""
+        t0 = time.perf_counter()
+        scores = self.model.score_latents(latents, prompts)
+        images = self.model.decoder.decode(latents[:num_images]) if num_images else None
+        return scores, time.perf_counter() - t0, ray.get_runtime_context().was_current_actor_reconstructed, images
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,47 @@
+"""Sampler actor: a thin shell around `TreeSampler` that pulls the newest weights before each
+call and returns leaf latents as separate objects, so the driver can route them to the reward
+pool by reference without ever fetching them."""
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from treegrpo_ray import builders
+from treegrpo_ray.config import from_dict
+from treegrpo_ray.sampling.evaluate import ode_sample
+from treegrpo_ray.system import split_leaves
+
+
+class SamplerActor:
+    def __init__(self, cfg_dict: dict, store, num_chunks: int = 1):
+        self.cfg = from_dict(cfg_dict)
+        builders.set_worker_threads(self.cfg.pools.sampler.num_cpus)
+        self.policy = builders.build_policy(self.cfg)
+        self.sampler = builders.build_sampler(self.cfg, self.policy)
+        self.store, self.num_chunks, self.version = store, num_chunks, -1
+
+    def _pull(self) -> None:
+        newest = ray.get(self.store.latest.remote(self.version))
+        if newest is not None:
+            version, (ref,) = newest
+            self.policy.load_broadcast_state(ray.get(ref))
+            self.version = version
+
+    def sample(self, prompts: list[str], window_start: int, seed: int):
+        """-> (batch without leaves, leaf chunk 0, ..., leaf chunk n-1)."""
+        t0 = time.perf_counter()
+        self._pull()
+        batch = self.sampler.sample(prompts, window_start=window_start, seed=seed, policy_version=self.version)
+        batch, leaves = split_leaves(batch)
+        batch.extras["sample_s"] = time.perf_counter() - t0
+        batch.extras["reconstructed"] = float(ray.get_runtime_context().was_current_actor_reconstructed)
+        return (batch, *torch.tensor_split(leaves, self.num_chunks))
+
+    def evaluate(self, prompts: list[str], seed: int) -> torch.Tensor:
+        self._pull()
+        return ode_sample(self.policy, prompts, num_steps=self.cfg.tree.num_steps, seed=seed)
+
+    def ready(self) -> int:
+        return self.version

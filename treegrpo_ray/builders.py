@@ -1,0 +1,106 @@
+"""Config -> components (torchtune-style builders). The only place that reads the config tree
+for the components; they themselves take flat arguments. No Ray here, so the same builders
+assemble the in-process run and every actor of the distributed one (Acme's pattern)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from treegrpo_ray.config import Config, ConfigError
+
+MINIATURE_DIR = Path(__file__).parent / "assets" / "miniature"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pipeline_path(cfg: Config) -> str:
+    """'miniature' -> the shipped pipeline directory; anything else is passed to from_pretrained."""
+    return str(MINIATURE_DIR / "pipeline") if cfg.model.pretrained == "miniature" else cfg.model.pretrained
+
+
+def load_prompts(cfg: Config, split: str = "train") -> list[str]:
+    """The prompt list for training ('train') or evaluation ('eval')."""
+    if cfg.prompts == "miniature":
+        from treegrpo_ray.toy.world import split_prompts
+        train, held_out = split_prompts()
+        return train if split == "train" else held_out
+    path = Path(cfg.prompts)
+    if not path.is_file():
+        raise ConfigError(f"prompts: prompt file {str(path)!r} does not exist; give a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"prompts: prompt file {str(path)!r} holds no prompts; write one prompt per line")
+    if split == "eval":
+        return prompts[: cfg.eval_prompts]
+    return prompts
+
+
+def build_policy(cfg: Config, device: str | None = None):
+    from treegrpo_ray.models.policy import DiffusionPolicy
+    m = cfg.model
+    return DiffusionPolicy.from_pretrained(
+        pipeline_path(cfg), kind=m.kind, dtype=_DTYPES[m.dtype], device=device or resolve_device(m.device),
+        lora_rank=m.lora_rank, lora_alpha=m.lora_alpha or None, lora_targets=tuple(m.lora_targets),
+        guidance_scale=m.guidance_scale, max_sequence_length=m.max_sequence_length, resolution=m.resolution)
+
+
+def build_sampler(cfg: Config, policy):
+    from treegrpo_ray.sampling.tree_sampler import TreeSampler
+    t = cfg.tree
+    return TreeSampler(policy, variant=t.variant, num_steps=t.num_steps, k=t.k, depth=t.depth,
+                       noise_level=t.noise_level, group_size=t.leaves_per_tree, train_fraction=t.train_fraction,
+                       share_initial_noise=t.share_initial_noise, logprob_reduction=t.logprob_reduction,
+                       max_batch=t.max_batch or None)
+
+
+def build_reward_model(cfg: Config, device: str | None = None):
+    from treegrpo_ray.rewards import build_reward_model as build
+    specs = [dict(name=t.name, weight=t.weight, checkpoint=t.checkpoint, model_name=t.model_name, version=t.version)
+             for t in cfg.rewards.terms]
+    return build(specs, pipeline_path(cfg), device=device or resolve_device(cfg.model.device))
+
+
+def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size: int = 1):
+    from treegrpo_ray.learning.learner import GRPOLearner
+    lr = cfg.learner
+    return GRPOLearner(policy, module=module, lr=lr.lr, weight_decay=lr.weight_decay, betas=lr.betas,
+                       clip_eps=lr.clip_eps, weighting=lr.weighting, temperature=lr.temperature, kl_beta=lr.kl_beta,
+                       grad_clip=lr.grad_clip, minibatches=lr.minibatches, epochs=lr.epochs,
+                       micro_batch=lr.micro_batch, noise_level=cfg.tree.noise_level,
+                       logprob_reduction=cfg.tree.logprob_reduction, max_bad_updates=lr.max_bad_updates,
+                       explode_factor=lr.explode_factor, rank=rank, world_size=world_size, seed=cfg.seed)
+
+
+def reward_weights(cfg: Config) -> dict[str, float]:
+    return {t.name: t.weight for t in cfg.rewards.terms}
+
+
+def set_worker_threads(num_cpus: float) -> None:
+    """One intra-op thread per CPU the actor was given (2-core machines oversubscribe otherwise)."""
+    n = max(1, int(num_cpus))
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def preflight(cfg: Config) -> None:
+    """File-system checks that need no model load: run before any cluster is allocated."""
+    load_prompts(cfg, "train")
+    path = pipeline_path(cfg)
+    looks_local = path.startswith(("/", "./", "../", "~"))  # anything else may be a hub id
+    if cfg.model.pretrained == "miniature" and not Path(path, "model_index.json").is_file():
+        raise ConfigError(f"model.pretrained: the shipped miniature pipeline is missing at {path}; reinstall the "
+                          "package or rebuild it with `python -m treegrpo_ray.toy.build`")
+    if looks_local and not Path(path).expanduser().exists():
+        raise ConfigError(f"model.pretrained: local directory {path!r} does not exist; point it at a diffusers "
+                          "pipeline directory (with model_index.json) or a hub id")
+    for i, term in enumerate(cfg.rewards.terms):
+        if term.checkpoint and not Path(term.checkpoint).expanduser().exists():
+            raise ConfigError(f"rewards.terms.{i}.checkpoint: {term.checkpoint!r} does not exist; download it "
+                              "first (see README, 'Rewards') or leave it empty to use the default location")

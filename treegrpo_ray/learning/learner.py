@@ -1,0 +1,161 @@
+"""The GRPO learner step over tree edges (no Ray; Ray Train wraps it in actors/train_loop.py).
+
+One iteration, as in the paper (TreeGRPO, Alg. 1):
+  1. leaf rewards -> per-prompt normalised leaf advantages (rewards/combine.py)
+  2. leaf values -> node values by weighted averaging up the tree (algo.advantages.edge_advantages);
+     the advantage of edge u -> c is V(c)
+  3. for every decision u, ONE forward of the current policy at (x_u, t_u) gives mu_theta; the
+     stored children are re-scored under it, ratio = exp(logp_new - logp_old), and the clipped
+     surrogate is averaged over the K children and all decisions (algo.loss.grpo_clip_loss).
+Departures: none in the maths; the update guard (skip non-finite or exploding updates, stop after
+`max_bad_updates` in a row) is ours, so a bad batch never reaches the weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+
+import torch
+
+from treegrpo_ray.algo.advantages import edge_advantages
+from treegrpo_ray.algo.loss import grpo_clip_loss, kl_to_reference
+from treegrpo_ray.algo.sde import flow_sde_step
+from treegrpo_ray.types import TreeBatch
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after `max_bad_updates` consecutive skipped updates."""
+
+
+def decision_advantages(batch: TreeBatch, leaf_advantages: torch.Tensor, *, weighting: str = "uniform",
+                        temperature: float = 1.0) -> torch.Tensor:
+    """Per-child advantages (N, K) from per-leaf advantages (L,): propagate leaf -> root, then
+    read the value of each decision's children. Leaves whose reward was dropped (NaN) are
+    excluded: a node whose subtree lost every leaf gets advantage 0 (it is not trained on)."""
+    m = batch.parent.shape[0]
+    leaf_values = torch.full((m,), float("nan"))
+    leaf_values[batch.leaf_node] = leaf_advantages.float().cpu()
+    dropped = torch.isnan(leaf_values[batch.leaf_node])
+    if dropped.any():
+        leaf_values[batch.leaf_node[dropped]] = 0.0  # neutral value: no push either way
+    values = edge_advantages(batch.parent, leaf_values, weighting=weighting,
+                             log_probs=batch.node_log_prob if weighting == "softmax" else None,
+                             temperature=temperature)
+    return values[batch.child_node]  # (N, K)
+
+
+class GRPOLearner:
+    """Owns the optimizer; `update()` runs one iteration's epochs x minibatches of GRPO steps on
+    this worker's shard of decisions. `module` is the (possibly DDP-wrapped) trainable model."""
+
+    def __init__(self, policy, *, module=None, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
+                 clip_eps: float = 0.2, weighting: str = "uniform", temperature: float = 1.0, kl_beta: float = 0.0,
+                 grad_clip: float = 1.0, minibatches: int = 1, epochs: int = 1, micro_batch: int = 0,
+                 noise_level: float = 0.7, logprob_reduction: str = "mean", max_bad_updates: int = 3,
+                 explode_factor: float = 100.0, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.policy, self.module = policy, module
+        self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.clip_eps, self.weighting, self.temperature, self.kl_beta = clip_eps, weighting, temperature, kl_beta
+        self.grad_clip, self.minibatches, self.epochs, self.micro_batch = grad_clip, minibatches, epochs, micro_batch
+        self.noise_level, self.reduction = noise_level, logprob_reduction
+        self.max_bad_updates, self.explode_factor = max_bad_updates, explode_factor
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.bad_in_a_row, self.skipped_total, self.version = 0, 0, 0
+        self._norms: list[float] = []
+
+    # -- one iteration -------------------------------------------------------------------------
+    def update(self, batch: TreeBatch, leaf_advantages: torch.Tensor, iteration: int = 0) -> dict[str, float]:
+        adv = decision_advantages(batch, leaf_advantages, weighting=self.weighting, temperature=self.temperature)
+        n = batch.num_decisions
+        if n % (self.world_size * self.minibatches):
+            raise ValueError(f"{n} decisions do not split into {self.world_size} workers x {self.minibatches} "
+                             "minibatches; the config check should have caught this (learner.minibatches)")
+        device = self._device()
+        metrics: list[dict[str, float]] = []
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=gen)  # same on every rank (same seed)
+            mine = order[self.rank::self.world_size]
+            for rows in mine.chunk(self.minibatches):
+                metrics.append(self._step(batch, adv, rows, device))
+        self.version += 1
+        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        out["learner/skipped_updates"] = float(sum(m["learner/skipped"] for m in metrics))
+        out["learner/decisions"] = float(n)
+        out["adv/mean"], out["adv/abs_mean"] = float(adv.mean()), float(adv.abs().mean())
+        return out
+
+    def _device(self) -> torch.device:
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    def _step(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        chunks = rows.split(self.micro_batch) if self.micro_batch else (rows,)
+        totals: dict[str, float] = {}
+        for i, chunk in enumerate(chunks):
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(self.module, "no_sync") \
+                else self.module.no_sync()
+            with sync:
+                loss, m = self._loss(batch, adv, chunk, device)
+                (loss * chunk.numel() / rows.numel()).backward()
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v * chunk.numel() / rows.numel()
+        totals.update(self._apply_gradients())
+        return totals
+
+    def _loss(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device):
+        latents = batch.latents[rows].to(device)                      # (n, C, H, W)
+        children = batch.children[rows].to(device)                    # (n, K, C, H, W)
+        step = batch.step_index[rows]
+        sigma, sigma_next = batch.sigmas[step].to(device), batch.sigmas[step + 1].to(device)  # (n,)
+        prompts = [batch.prompts[j] for j in batch.decision_prompt[rows].tolist()]
+        velocity = self.policy.velocity(latents, sigma, prompts, module=self.module)
+        new = flow_sde_step(latents, velocity, sigma, sigma_next, self.noise_level, prev_sample=children,
+                            reduction=self.reduction)
+        loss, metrics = grpo_clip_loss(new.log_prob, batch.old_log_probs[rows].to(device), adv[rows].to(device),
+                                       self.clip_eps)
+        metrics = {f"loss/{k}": v for k, v in metrics.items()}
+        metrics["loss/policy"] = float(loss.detach())
+        if self.kl_beta > 0:
+            with torch.no_grad(), self.policy.reference():
+                v_ref = self.policy.velocity(latents, sigma, prompts)
+            ref = flow_sde_step(latents, v_ref, sigma, sigma_next, self.noise_level, prev_sample=children,
+                                reduction=self.reduction)
+            kl = kl_to_reference(new.mean, ref.mean, new.std).mean()
+            loss = loss + self.kl_beta * kl
+            metrics["loss/kl_ref"] = float(kl.detach())
+        metrics["loss/total"] = float(loss.detach())
+        return loss, metrics
+
+    def _apply_gradients(self) -> dict[str, float]:
+        """Clip, check, step, or skip. Grads are already all-reduced by DDP, so every rank sees the
+        same norm and takes the same decision."""
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        median = statistics.median(self._norms) if len(self._norms) >= 5 else math.inf
+        bad = not math.isfinite(norm) or norm > self.explode_factor * median
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_in_a_row += 1
+            self.skipped_total += 1
+            if self.bad_in_a_row >= self.max_bad_updates:
+                raise TrainingDiverged(f"{self.bad_in_a_row} consecutive updates skipped (last grad norm {norm}); "
+                                       "weights were left untouched. Lower learner.lr or check the rewards.")
+        else:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+            self._norms = (self._norms + [norm])[-50:]
+        return {"learner/grad_norm": norm if math.isfinite(norm) else -1.0, "learner/skipped": float(bad)}
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "version": self.version,
+                "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "norms": list(self._norms)}
+
+    def load_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = int(state["version"])
+        self.bad_in_a_row, self.skipped_total = int(state["bad_in_a_row"]), int(state["skipped_total"])
+        self._norms = [float(x) for x in state["norms"]]

@@ -1,0 +1,49 @@
+"""What the driver needs from a system (in-process or Ray), and the small types it passes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from treegrpo_ray.types import TreeBatch
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One sampler call: grow trees for these prompts with this window and noise seed."""
+    prompts: list[str]
+    window_start: int
+    seed: int
+
+
+@dataclass
+class Collected:
+    """An iteration's sampler output, in request order, with each batch's raw rewards per scorer."""
+    batches: list[TreeBatch] = field(default_factory=list)
+    rewards: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    sample_s: float = 0.0   # summed busy seconds of sampler calls
+    reward_s: float = 0.0   # summed busy seconds of reward calls
+    wall_s: float = 0.0     # launch -> all results in hand
+    restarts: int = 0       # actor restarts observed while collecting
+
+    def add(self, batch: TreeBatch, rewards: dict[str, torch.Tensor], sample_s: float, reward_s: float) -> None:
+        self.batches.append(batch)
+        self.rewards.append(rewards)
+        self.sample_s += sample_s
+        self.reward_s += reward_s
+
+
+def split_leaves(batch: TreeBatch) -> tuple[TreeBatch, torch.Tensor]:
+    """Take the leaf latents out of a batch (they go to the reward pool; the learner never needs
+    them), leaving an (L, 0) placeholder so shapes still validate."""
+    leaves = batch.leaf_latents
+    return replace(batch, leaf_latents=leaves.new_empty((leaves.shape[0], 0))), leaves
+
+
+def concat_rewards(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-scorer concatenation in batch order (the order merge_batches puts leaves in)."""
+    names = list(parts[0])
+    for p in parts:
+        if list(p) != names:
+            raise ValueError(f"reward batches disagree on scorer names: {list(p)} vs {names}")
+    return {n: torch.cat([p[n].float().reshape(-1) for p in parts]) for n in names}

@@ -1,0 +1,69 @@
+"""MLflow tracking, used by the driver only (components return metrics, the driver logs them).
+
+Default store: `sqlite:///<output_dir>/mlflow.db` (MLflow 3's default backend, kept beside the
+run outputs); `tracking.mlflow_uri` or $MLFLOW_TRACKING_URI override it. Resume re-opens the
+same MLflow run by id, so step numbers continue."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def tracking_uri(configured: str, output_dir: Path) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """Thin wrapper so the driver reads `tracker.log(metrics, step)`; all MLflow calls live here."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None):
+        import mlflow
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name or None)
+        self.run_id, self.uri = self.run.info.run_id, uri
+
+    def log_params(self, params: dict[str, str]) -> None:
+        existing = self.mlflow.get_run(self.run_id).data.params
+        fresh = {k: v[:6000] for k, v in params.items() if k not in existing}  # params are immutable in MLflow
+        items = list(fresh.items())
+        for i in range(0, len(items), 90):
+            self.mlflow.log_params(dict(items[i:i + 90]))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k.replace("@", "_"): float(v) for k, v in metrics.items() if np.isfinite(float(v))}
+        if clean:
+            self.mlflow.log_metrics(clean, step=step)
+
+    def log_image(self, images: torch.Tensor, name: str, step: int) -> None:
+        """images (B, 3, H, W) in [0, 1] -> one grid PNG artifact."""
+        grid = make_grid(images)
+        self.mlflow.log_image(grid, key=name, step=step)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str) -> None:
+        self.mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+def make_grid(images: torch.Tensor, ncol: int = 8, pad: int = 2) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (rows*(H+pad), ncol*(W+pad), 3) uint8."""
+    b, _, h, w = images.shape
+    ncol = min(ncol, b)
+    nrow = (b + ncol - 1) // ncol
+    grid = np.zeros((nrow * (h + pad), ncol * (w + pad), 3), dtype=np.uint8)
+    pix = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(b):
+        r, c = divmod(i, ncol)
+        grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = pix[i]
+    return grid
