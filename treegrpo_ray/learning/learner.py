@@ -13,6 +13,7 @@ Departures: none in the maths; the update guard (skip non-finite or exploding up
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 
@@ -31,12 +32,12 @@ class TrainingDiverged(RuntimeError):
 def decision_advantages(batch: TreeBatch, leaf_advantages: torch.Tensor, *, weighting: str = "uniform",
                         temperature: float = 1.0) -> torch.Tensor:
     """Per-child advantages (N, K) from per-leaf advantages (L,): propagate leaf -> root, then
-    read the value of each decision's children. Leaves whose reward was dropped (NaN) are
-    excluded: a node whose subtree lost every leaf gets advantage 0 (it is not trained on)."""
+    read the value of each decision's children. Leaves whose reward was dropped (NaN) given
+    the neutral value 0 (they push neither way); their siblings still train."""
     m = batch.parent.shape[0]
     leaf_values = torch.full((m,), float("nan"))
     leaf_values[batch.leaf_node] = leaf_advantages.float().cpu()
-    dropped = torch.isnan(leaf_values[batch.leaf_node])
+    dropped = ~torch.isfinite(leaf_values[batch.leaf_node])
     if dropped.any():
         leaf_values[batch.leaf_node[dropped]] = 0.0  # neutral value: no push either way
     values = edge_advantages(batch.parent, leaf_values, weighting=weighting,
@@ -155,7 +156,7 @@ class GRPOLearner:
                 "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "norms": list(self._norms)}
 
     def load_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # torch may alias same-device tensors
         self.version = int(state["version"])
         self.bad_in_a_row, self.skipped_total = int(state["bad_in_a_row"]), int(state["skipped_total"])
         self._norms = [float(x) for x in state["norms"]]

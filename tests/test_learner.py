@@ -1,0 +1,100 @@
+"""GRPOLearner on a mock policy (one scalar parameter): the update raises the likelihood of
+positive-advantage children, and the guard never lets a non-finite update reach the weights."""
+import contextlib
+
+import pytest
+import torch
+
+from treegrpo_ray.algo.sde import flow_sde_step
+from treegrpo_ray.learning.learner import GRPOLearner, TrainingDiverged, decision_advantages
+from treegrpo_ray.types import TreeBatch
+
+
+class ConstantVelocityPolicy(torch.nn.Module):
+    """velocity = w everywhere; w is the only trainable parameter."""
+
+    def __init__(self, w: float = 0.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(w))
+
+    poison = False  # when set, the forward returns NaN (a diverged model / bad kernel)
+
+    def velocity(self, latents, sigmas, prompts, module=None):
+        v = (module or self).w * torch.ones_like(latents)
+        return v * float("nan") if self.poison else v
+
+    def trainable_parameters(self):
+        return [self.w]
+
+    @contextlib.contextmanager
+    def reference(self):
+        yield
+
+
+def one_decision_batch(policy, k=2, seed=0):
+    """A root (node 0) with k children (nodes 1..k), each child a leaf; sampled from the policy."""
+    x = torch.zeros(1, 1, 2, 2)
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    with torch.no_grad():
+        v = policy.velocity(x, None, None)
+        step = flow_sde_step(x, v, sigmas[1:2], sigmas[2:3], 0.7, n_children=k,
+                             generator=torch.Generator().manual_seed(seed))
+    return TreeBatch(
+        prompts=["p"], sigmas=sigmas, latents=x, step_index=torch.tensor([1]), children=step.sample,
+        old_log_probs=step.log_prob, child_node=torch.arange(1, k + 1).unsqueeze(0), decision_prompt=torch.tensor([0]),
+        parent=torch.tensor([-1] + [0] * k), node_log_prob=torch.cat([torch.zeros(1), step.log_prob[0]]),
+        leaf_latents=step.sample[0], leaf_node=torch.arange(1, k + 1), leaf_prompt=torch.zeros(k, dtype=torch.long),
+        tree_index=torch.zeros(k, dtype=torch.long)).validate()
+
+
+def test_decision_advantages_read_child_values():
+    policy = ConstantVelocityPolicy()
+    batch = one_decision_batch(policy, k=2)
+    adv = decision_advantages(batch, torch.tensor([1.0, -1.0]))
+    assert adv.tolist() == [[1.0, -1.0]]
+    # a dropped (NaN) leaf contributes a neutral 0, never NaN
+    adv = decision_advantages(batch, torch.tensor([float("nan"), -1.0]))
+    assert adv.tolist() == [[0.0, -1.0]]
+
+
+def test_update_raises_logprob_of_the_better_child():
+    policy = ConstantVelocityPolicy()
+    batch = one_decision_batch(policy, k=2)
+    learner = GRPOLearner(policy, lr=0.05, clip_eps=0.2, noise_level=0.7, grad_clip=0.0)
+    metrics = learner.update(batch, torch.tensor([1.0, -1.0]))
+    with torch.no_grad():
+        v = policy.velocity(batch.latents, None, None)
+        new = flow_sde_step(batch.latents, v, batch.sigmas[1:2], batch.sigmas[2:3], 0.7, prev_sample=batch.children)
+    assert policy.w.item() != 0.0
+    # one scalar parameter moves both children; what GRPO must raise is the +1 child's log-prob
+    # relative to the -1 child's (loss = -(rho_0 - rho_1) / 2 at A = [+1, -1])
+    assert (new.log_prob[0, 0] - new.log_prob[0, 1]) > (batch.old_log_probs[0, 0] - batch.old_log_probs[0, 1])
+    assert learner.version == 1 and metrics["learner/skipped"] == 0.0
+    # first minibatch of an on-policy update: ratio == 1 exactly, nothing clipped
+    assert metrics["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and metrics["loss/clip_frac"] == 0.0
+
+
+def test_nonfinite_update_is_skipped_then_stops():
+    policy = ConstantVelocityPolicy()
+    batch = one_decision_batch(policy, k=2)
+    learner = GRPOLearner(policy, lr=0.05, noise_level=0.7, max_bad_updates=2)
+    policy.poison = True
+    bad = torch.tensor([1.0, -1.0])
+    m = learner.update(batch, bad)
+    assert m["learner/skipped"] == 1.0 and policy.w.item() == 0.0 and torch.isfinite(policy.w).all()
+    with pytest.raises(TrainingDiverged, match="2 consecutive updates skipped"):
+        learner.update(batch, bad)
+    assert policy.w.item() == 0.0
+
+
+def test_state_roundtrip():
+    policy = ConstantVelocityPolicy()
+    batch = one_decision_batch(policy)
+    learner = GRPOLearner(policy, lr=0.05, noise_level=0.7)
+    learner.update(batch, torch.tensor([1.0, -1.0]))
+    twin = GRPOLearner(ConstantVelocityPolicy(policy.w.item()), lr=0.05, noise_level=0.7)
+    twin.load_state(learner.state())
+    assert twin.version == 1
+    learner.update(batch, torch.tensor([1.0, -1.0]), iteration=1)
+    twin.update(batch, torch.tensor([1.0, -1.0]), iteration=1)
+    assert twin.policy.w.item() == pytest.approx(policy.w.item(), abs=1e-7)

@@ -1,0 +1,181 @@
+"""Leaf reward normalisation and leaf -> root value propagation (TreeGRPO, arXiv 2512.08153, Sec. 3.3).
+
+Implements (DESIGN.md §1):
+
+* per-prompt normalisation of leaf rewards, A = (r - mean_p) / (std_p + eps), population std over
+  every leaf of prompt p (all of that prompt's trees), optionally clipped to +-clip;
+* value propagation on a node forest: a leaf node keeps its normalised reward, an inner node's
+  value is the weighted mean of its children's values, and the edge u -> c gets advantage V(c).
+  Weights are "uniform" (the authors' released code) or "softmax" over the children of
+  log_probs / temperature (the paper's "weighted by generation probability"; log_probs[c] is the
+  old log-prob of the edge into c). With per-element-mean log-probs the children of one node
+  differ by O(1/(C*H*W)) so softmax is nearly uniform unless the temperature is small; with
+  sum-reduced log-probs it can be very peaked.
+
+`edge_advantages` is the vectorised version (levels processed bottom-up with index_add);
+`edge_advantages_recursive` is its slow, readable twin; a property test holds them equal.
+
+Conventions / departures:
+* A prompt with a single leaf (or zero spread with eps = 0) gets advantage 0, not NaN.
+* Statistics are computed in float64; results come back in float32.
+* `flat_advantages` (Flow-GRPO / DanceGRPO baseline) is exactly `normalize_per_prompt` on
+  trajectory rewards; the learner gives every trained step of a trajectory that advantage.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def normalize_per_prompt(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: float = 1e-4,
+                         clip: float | None = None) -> torch.Tensor:
+    """(r - mean) / (std + eps) per prompt, population std; rewards, prompt_ids (L,) -> (L,) float32."""
+    if rewards.dim() != 1 or prompt_ids.shape != rewards.shape:
+        raise ValueError(f"rewards and prompt_ids must both be (L,), got {tuple(rewards.shape)} "
+                         f"and {tuple(prompt_ids.shape)}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if clip is not None and clip <= 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN/inf")
+    r = rewards.double()
+    _, group = torch.unique(prompt_ids, return_inverse=True)             # (L,) in [0, P)
+    n_groups = int(group.max()) + 1 if group.numel() else 0
+    count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, group, torch.ones_like(r))
+    mean = torch.zeros_like(count).index_add_(0, group, r) / count        # (P,)
+    centred = r - mean[group]                                             # (L,)
+    var = torch.zeros_like(count).index_add_(0, group, centred ** 2) / count
+    scale = var.sqrt()[group] + eps                                       # (L,)
+    adv = torch.where((count[group] > 1) & (scale > 0), centred / torch.where(scale > 0, scale, 1.0),
+                      torch.zeros_like(r))
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv.float()
+
+
+def flat_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: float = 1e-4,
+                    clip: float | None = None) -> torch.Tensor:
+    """Per-trajectory advantage of the flat GRPO baseline (Flow-GRPO / DanceGRPO): the per-prompt
+    normalised reward of each trajectory. Identical to `normalize_per_prompt`, named for call sites."""
+    return normalize_per_prompt(rewards, prompt_ids, eps=eps, clip=clip)
+
+
+def _check_forest(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str, log_probs, temperature) -> None:
+    m = parent.shape[0] if parent.dim() == 1 else -1
+    if parent.dim() != 1 or leaf_values.shape != parent.shape:
+        raise ValueError(f"parent and leaf_values must both be (M,), got {tuple(parent.shape)} "
+                         f"and {tuple(leaf_values.shape)}")
+    if m and (int(parent.min()) < -1 or int(parent.max()) >= m):
+        raise ValueError(f"parent indices must lie in [-1, {m})")
+    if weighting not in ("uniform", "softmax"):
+        raise ValueError(f"weighting must be 'uniform' or 'softmax', got {weighting!r}")
+    if weighting == "softmax":
+        if log_probs is None or log_probs.shape != parent.shape:
+            raise ValueError("weighting='softmax' needs log_probs of shape (M,)")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def node_depths(parent: torch.Tensor) -> torch.Tensor:
+    """Depth of every node of a forest given by parent (M,) (-1 = root). Raises on a cycle."""
+    m = parent.shape[0]
+    has_parent = parent >= 0
+    safe_parent = parent.clamp(min=0)
+    depth = torch.zeros(m, dtype=torch.long, device=parent.device)
+    for _ in range(m + 1):  # each pass settles at least one more level; a cycle never settles
+        new = torch.where(has_parent, depth[safe_parent] + 1, torch.zeros_like(depth))
+        if torch.equal(new, depth):
+            return depth
+        depth = new
+    raise ValueError("parent array contains a cycle")
+
+
+def edge_advantages(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str = "uniform",
+                    log_probs: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Value of every node of a forest; the advantage of edge u -> c is values[c].
+
+    parent (M,) long (-1 for roots, any node order); leaf_values (M,) with the normalised reward
+    at childless nodes and NaN elsewhere; log_probs (M,) old log-prob of the edge into each node
+    (needed for "softmax"; roots' entries are ignored). Returns (M,) float32.
+    """
+    _check_forest(parent, leaf_values, weighting, log_probs, temperature)
+    m = parent.shape[0]
+    dev = parent.device
+    child = torch.nonzero(parent >= 0).squeeze(1)                          # (E,) non-root nodes
+    par = parent[child]                                                     # (E,)
+    n_children = torch.zeros(m, dtype=torch.long, device=dev).index_add_(0, par, torch.ones_like(par))
+    is_leaf = n_children == 0
+    given = ~torch.isnan(leaf_values)
+    if bool((is_leaf & ~torch.isfinite(leaf_values)).any()):
+        bad = int(torch.nonzero(is_leaf & ~torch.isfinite(leaf_values))[0])
+        raise ValueError(f"node {bad} has no children and no finite leaf value")
+    if bool((~is_leaf & given).any()):
+        bad = int(torch.nonzero(~is_leaf & given)[0])
+        raise ValueError(f"node {bad} has children but also a leaf value (use NaN for inner nodes)")
+    depth = node_depths(parent)
+
+    # normalised weight of each edge parent -> child: w[c] / sum of w over c's siblings
+    if weighting == "uniform":
+        w = torch.ones(child.shape[0], dtype=torch.float64, device=dev)
+    else:
+        z = log_probs[child].double() / temperature                        # (E,)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError("log_probs of non-root nodes must be finite for softmax weighting")
+        zmax = torch.full((m,), -math.inf, dtype=torch.float64, device=dev).scatter_reduce(
+            0, par, z, reduce="amax")
+        w = torch.exp(z - zmax[par])                                       # (E,) in (0, 1]
+    total = torch.zeros(m, dtype=torch.float64, device=dev).index_add_(0, par, w)
+    w = w / total[par]
+
+    values = torch.where(is_leaf, leaf_values.double(), torch.zeros(m, dtype=torch.float64, device=dev))
+    child_depth = depth[child]
+    for j in range(int(depth.max()) if m else 0, 0, -1):  # deepest level first
+        sel = child_depth == j
+        c, p = child[sel], par[sel]
+        values.index_add_(0, p, w[sel] * values[c])
+    return values.float()
+
+
+def edge_advantages_recursive(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str = "uniform",
+                              log_probs: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Slow, readable twin of `edge_advantages` (plain python recursion over child lists)."""
+    _check_forest(parent, leaf_values, weighting, log_probs, temperature)
+    parents = parent.tolist()
+    leaf = leaf_values.double().tolist()
+    logp = log_probs.double().tolist() if log_probs is not None else None
+    children: list[list[int]] = [[] for _ in parents]
+    for node, p in enumerate(parents):
+        if p >= 0:
+            children[p].append(node)
+    values: list[float | None] = [None] * len(parents)
+
+    def value(node: int, visiting: set) -> float:
+        if values[node] is not None:
+            return values[node]
+        if node in visiting:
+            raise ValueError("parent array contains a cycle")
+        kids = children[node]
+        if not kids:
+            if not math.isfinite(leaf[node]):
+                raise ValueError(f"node {node} has no children and no finite leaf value")
+            values[node] = leaf[node]
+            return values[node]
+        if not math.isnan(leaf[node]):
+            raise ValueError(f"node {node} has children but also a leaf value (use NaN for inner nodes)")
+        if weighting == "uniform":
+            weights = [1.0 / len(kids)] * len(kids)
+        else:
+            scores = [logp[c] / temperature for c in kids]
+            top = max(scores)
+            exps = [math.exp(s - top) for s in scores]
+            weights = [e / sum(exps) for e in exps]
+        visiting.add(node)
+        values[node] = sum(w * value(c, visiting) for w, c in zip(weights, kids))
+        visiting.discard(node)
+        return values[node]
+
+    for node in range(len(parents)):
+        value(node, set())
+    return torch.tensor(values, dtype=torch.float32, device=parent.device)
