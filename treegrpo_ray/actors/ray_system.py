@@ -17,6 +17,7 @@ import ray
 import torch
 from ray.util.queue import Empty, Queue
 
+from treegrpo_ray.actors.dispatch import collect_iteration
 from treegrpo_ray.actors.reward_actor import RewardActor
 from treegrpo_ray.actors.sampler_actor import SamplerActor
 from treegrpo_ray.actors.train_loop import learner_loop
@@ -160,40 +161,8 @@ class RaySystem:
         return time.perf_counter(), [c if isinstance(c, list) else [c] for c in calls]
 
     def collect(self, handle) -> Collected:
-        t0, calls = handle
-        batches: dict[int, object] = {}
-        scores: dict[tuple[int, int], tuple] = {}
-        waiting = {refs[0]: i for i, refs in enumerate(calls)}
-        inflight: dict = {}
-        load = [0] * len(self.rewards)
-        out = Collected()
-        while waiting or inflight:
-            ready, _ = ray.wait(list(waiting) + list(inflight), num_returns=1, timeout=REPLY_TIMEOUT_S)
-            if not ready:
-                raise TimeoutError(f"no sampler or reward result within {REPLY_TIMEOUT_S} s")
-            ref = ready[0]
-            if ref in waiting:
-                i = waiting.pop(ref)
-                batch = batches[i] = ray.get(ref)
-                prompts = [batch.prompts[j] for j in batch.leaf_prompt.tolist()]
-                bounds = _chunk_bounds(len(prompts), self.chunks)
-                for c, leaf_ref in enumerate(calls[i][1:]):
-                    a = min(range(len(self.rewards)), key=load.__getitem__)  # least-loaded reward actor
-                    load[a] += 1
-                    lo, hi = bounds[c]
-                    inflight[self.rewards[a].score.remote(leaf_ref, prompts[lo:hi])] = (i, c, a)
-            else:
-                i, c, a = inflight.pop(ref)
-                load[a] -= 1
-                scores[(i, c)] = ray.get(ref)
-        for i in range(len(calls)):
-            parts = [scores[(i, c)] for c in range(self.chunks)]
-            rewards = {n: torch.cat([p[0][n] for p in parts]) for n in parts[0][0]}
-            batch = batches[i]
-            out.add(batch, rewards, sample_s=batch.extras.get("sample_s", 0.0), reward_s=sum(p[1] for p in parts))
-            out.restarts += int(batch.extras.get("reconstructed", 0.0)) + sum(int(p[2]) for p in parts)
-        out.wall_s = time.perf_counter() - t0
-        return out
+        started, calls = handle
+        return collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=REPLY_TIMEOUT_S)
 
     # -- learner commands ----------------------------------------------------------------------------
     def update(self, batch, leaf_advantages, iteration: int) -> dict[str, float]:
@@ -230,14 +199,3 @@ class RaySystem:
                 ray.kill(a)
             if self.started:
                 ray.shutdown()
-
-
-def _chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
-    """The same split torch.tensor_split makes of n rows into `chunks` parts."""
-    q, r = divmod(n, chunks)
-    bounds, lo = [], 0
-    for c in range(chunks):
-        hi = lo + q + (1 if c < r else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
