@@ -62,8 +62,10 @@ def build_sampler(cfg: Config, policy):
 
 def build_reward_model(cfg: Config, device: str | None = None):
     from treegrpo_ray.rewards import build_reward_model as build
-    specs = [dict(name=t.name, weight=t.weight, checkpoint=t.checkpoint, model_name=t.model_name, version=t.version)
-             for t in cfg.rewards.terms]
+    specs = []
+    for t in cfg.rewards.terms:  # empty strings mean "the scorer's default": not passed on
+        extra = {k: v for k, v in (("checkpoint", t.checkpoint), ("model_name", t.model_name), ("version", t.version)) if v}
+        specs.append(dict(name=t.name, weight=t.weight, **extra))
     return build(specs, pipeline_path(cfg), device=device or resolve_device(cfg.model.device))
 
 
