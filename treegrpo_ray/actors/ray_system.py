@@ -69,7 +69,8 @@ def connect(cfg: Config) -> bool:
         raise ConfigError(f"pools request {demand['GPU']} GPUs but this machine has "
                           f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; lower pools.*.num_gpus / "
                           "learner.resources.num_gpus or point ray_address at a GPU cluster")
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env,
+    # Loopback only. The dashboard stays on: Ray Train's state queries go through it.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
              _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
 

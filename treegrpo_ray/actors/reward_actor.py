@@ -7,6 +7,7 @@ import ray
 import torch
 
 from treegrpo_ray import builders
+from treegrpo_ray.actors.weight_store import reconstructed
 from treegrpo_ray.config import from_dict
 
 
@@ -21,7 +22,7 @@ class RewardActor:
         t0 = time.perf_counter()
         scores = self.model.score_latents(latents, prompts)
         images = self.model.decoder.decode(latents[:num_images]) if num_images else None
-        return scores, time.perf_counter() - t0, ray.get_runtime_context().was_current_actor_reconstructed, images
+        return scores, time.perf_counter() - t0, reconstructed(), images
 
     def ready(self) -> bool:
         return True

@@ -9,6 +9,7 @@ import ray
 import torch
 
 from treegrpo_ray import builders
+from treegrpo_ray.actors.weight_store import reconstructed
 from treegrpo_ray.config import from_dict
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import split_leaves
@@ -36,7 +37,7 @@ class SamplerActor:
         batch = self.sampler.sample(prompts, window_start=window_start, seed=seed, policy_version=self.version)
         batch, leaves = split_leaves(batch)
         batch.extras["sample_s"] = time.perf_counter() - t0
-        batch.extras["reconstructed"] = float(ray.get_runtime_context().was_current_actor_reconstructed)
+        batch.extras["reconstructed"] = float(reconstructed())
         return (batch, *torch.tensor_split(leaves, self.num_chunks))
 
     def evaluate(self, prompts: list[str], seed: int) -> torch.Tensor:

@@ -4,7 +4,16 @@ a worker cannot hand ownership of its own `ray.put` to another actor) and sample
 newest version by reference: one put, N gets."""
 from __future__ import annotations
 
+import warnings
+
 import ray
+
+
+def reconstructed() -> bool:
+    """True in an actor that Ray restarted after a crash (its first life had the same id)."""
+    with warnings.catch_warnings():  # Ray 2.60's own property trips its deprecated actor_id path
+        warnings.simplefilter("ignore")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 @ray.remote(num_cpus=0)
