@@ -1,0 +1,34 @@
+"""Shared pytest fixtures. Nothing here downloads: HF_HUB_OFFLINE is forced on before any
+huggingface_hub import (it reads the variable once, at import time)."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A random-init tiny StableDiffusion3Pipeline written with `save_pretrained` (no T5);
+    returns the pipeline dir, for loading through the production `from_pretrained` path."""
+    import torch
+
+    from helpers_sd3 import save_tiny_sd3
+
+    with torch.random.fork_rng(devices=[]):
+        return save_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One loopback-only Ray instance shared by every Ray test (fixed CPU count so scheduling is
+    the same on any machine). `address="local"` never attaches to a stray cluster."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=6, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,104 @@
+"""Build a tiny, randomly initialised StableDiffusion3Pipeline offline, for tests.
+
+Everything is a real diffusers/transformers component (SD3Transformer2DModel, AutoencoderKL,
+two CLIPTextModelWithProjection with CLIPTokenizers, FlowMatchEulerDiscreteScheduler), only
+small; text_encoder_3 / tokenizer_3 (T5) are None, so the pipeline pads the T5 slot with zeros.
+The CLIP tokenizer is built from a byte-level vocab.json / merges.txt written here, so nothing is
+downloaded. `save_tiny_sd3(dir)` writes the pipeline with `save_pretrained`; tests then load it
+back through the production path (`from_pretrained(local_dir)` with HF_HUB_OFFLINE=1).
+
+Sizes: latents (4, 8, 8) for 16x16 images (VAE scale factor 2), 16 image tokens (patch 2),
+text context 77 CLIP + `max_sequence_length` zero T5 tokens of width 32.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+LATENT_CHANNELS = 4
+SAMPLE_SIZE = 8          # latent side; images are SAMPLE_SIZE * 2 pixels
+CLIP_HIDDEN = 16         # each CLIP: hidden 16 -> joint 32 after concat, projection 16 -> pooled 32
+JOINT_DIM = 2 * CLIP_HIDDEN
+POOLED_DIM = 2 * CLIP_HIDDEN
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable stand-ins for bytes that byte-level BPE (GPT-2/CLIP) uses."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def write_tiny_clip_tokenizer_files(directory: str | Path) -> Path:
+    """vocab.json = 256 byte symbols, the same with the end-of-word marker, then the two
+    specials (514 ids); merges.txt holds a handful of merges so BPE has real work to do."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars]
+    merges = [("r", "e"), ("e", "d</w>"), ("re", "d</w>"), ("c", "i"), ("s", "q"), ("b", "l")]
+    tokens += ["".join(m) for m in merges if "".join(m) not in tokens]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return directory
+
+
+def tiny_clip_tokenizer(directory: str | Path):
+    from transformers import CLIPTokenizer
+
+    write_tiny_clip_tokenizer_files(directory)
+    return CLIPTokenizer.from_pretrained(str(directory), model_max_length=77)
+
+
+def tiny_clip_text_encoder(vocab_size: int, bos_id: int, eos_id: int, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=CLIP_HIDDEN, intermediate_size=2 * CLIP_HIDDEN,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                         projection_dim=CLIP_HIDDEN, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(cfg).eval()
+
+
+def build_tiny_sd3(tokenizer_dir: str | Path, seed: int = 0, dynamic_shift: bool = False):
+    """A random-init tiny StableDiffusion3Pipeline (float32, CPU)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=SAMPLE_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=JOINT_DIM, caption_projection_dim=16,
+        pooled_projection_dim=POOLED_DIM, out_channels=LATENT_CHANNELS, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                        latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=2 * SAMPLE_SIZE,
+                        shift_factor=0.0609, scaling_factor=1.5305)
+    tok_dir = Path(tokenizer_dir)
+    tokenizer = tiny_clip_tokenizer(tok_dir / "tokenizer")
+    tokenizer_2 = tiny_clip_tokenizer(tok_dir / "tokenizer_2")
+    vocab = tokenizer.get_vocab()
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    sched_kwargs = dict(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64) if dynamic_shift else {}
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **sched_kwargs)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae,
+        text_encoder=tiny_clip_text_encoder(len(vocab), bos, eos, seed + 1), tokenizer=tokenizer,
+        text_encoder_2=tiny_clip_text_encoder(len(vocab), bos, eos, seed + 2), tokenizer_2=tokenizer_2,
+        text_encoder_3=None, tokenizer_3=None)
+
+
+def save_tiny_sd3(out_dir: str | Path, seed: int = 0, dynamic_shift: bool = False) -> Path:
+    """Build the tiny pipeline and `save_pretrained` it to out_dir/pipeline; returns that dir."""
+    out_dir = Path(out_dir)
+    pipe = build_tiny_sd3(out_dir / "tokenizer_src", seed=seed, dynamic_shift=dynamic_shift)
+    pipe.save_pretrained(out_dir / "pipeline")
+    return out_dir / "pipeline"

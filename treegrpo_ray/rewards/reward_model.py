@@ -1,0 +1,135 @@
+"""The reward side of an iteration: decode leaf latents once, run every scorer, and build all of
+it from flat reward specs (the config's reward list). No ray here: the reward actor is a thin
+shell around `RewardModel`.
+
+A spec is a flat mapping (or dataclass) with `name` (the reward kind, one of REWARD_KINDS),
+`weight`, and that kind's options; None-valued fields are ignored, any other field the kind does
+not take is an error:
+    hpsv2:                  checkpoint, version ("v2.0" | "v2.1"), model_name, config, batch_size, hf_cache_dir
+    clipscore:              checkpoint, model_name, config, w, raw_cosine, batch_size
+    jpeg_compressibility:   quality, batch_size          (likewise jpeg_incompressibility)
+    miniature:              checkpoint (the reward directory; default the shipped one), batch_size
+`config` is a custom open_clip config (dict or JSON path) used instead of `model_name`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from treegrpo_ray.rewards.decode import LatentDecoder
+from treegrpo_ray.rewards.scorers import (ClipScoreScorer, HPSv2Scorer, JpegCompressibility, JpegIncompressibility,
+                                          MiniatureScorer, Scorer, check_batch)
+
+# kind -> (scorer class, spec field -> constructor argument, takes device, takes dtype)
+_KINDS = {
+    "hpsv2": (HPSv2Scorer, {"checkpoint": "checkpoint", "version": "version", "model_name": "model_name",
+                            "config": "model_config", "batch_size": "batch_size", "hf_cache_dir": "hf_cache_dir"},
+              True, True),
+    "clipscore": (ClipScoreScorer, {"checkpoint": "checkpoint", "model_name": "model_name", "config": "model_config",
+                                    "w": "w", "raw_cosine": "raw_cosine", "batch_size": "batch_size"}, True, True),
+    "jpeg_compressibility": (JpegCompressibility, {"quality": "quality", "batch_size": "batch_size"}, False, False),
+    "jpeg_incompressibility": (JpegIncompressibility, {"quality": "quality", "batch_size": "batch_size"}, False, False),
+    "miniature": (MiniatureScorer, {"checkpoint": "reward_dir", "batch_size": "batch_size"}, True, False),
+}
+REWARD_KINDS = tuple(_KINDS)
+
+
+class RewardModel:
+    """`decoder` (LatentDecoder or None for image-only use) + named scorers + their weights
+    (default 1.0 each). `score_*` return name -> (B,) CPU float32 scores, NaN kept visible."""
+
+    def __init__(self, decoder: LatentDecoder | None, scorers: Mapping[str, Scorer],
+                 weights: Mapping[str, float] | None = None):
+        if not scorers:
+            raise ValueError("RewardModel needs at least one scorer")
+        self.decoder = decoder
+        self.scorers = dict(scorers)
+        self.weights = {n: 1.0 for n in self.scorers} if weights is None else {n: float(w) for n, w in weights.items()}
+        if set(self.weights) != set(self.scorers):
+            raise ValueError(f"weights name {sorted(self.weights)} but the scorers are {sorted(self.scorers)}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.scorers)
+
+    def score_images_with_metrics(self, images: torch.Tensor,
+                                  prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        check_batch(images, prompts)
+        scores, metrics = {}, {}
+        for name, scorer in self.scorers.items():
+            t0 = time.perf_counter()
+            scores[name] = scorer(images, prompts)                         # (B,)
+            metrics[f"perf/reward/{name}_s"] = time.perf_counter() - t0
+            metrics[f"reward/{name}/nonfinite"] = float((~torch.isfinite(scores[name])).sum())
+        return scores, metrics
+
+    def score_latents_with_metrics(self, latents: torch.Tensor,
+                                   prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        if self.decoder is None:
+            raise ValueError("this RewardModel has no decoder: build it with a pipeline path to score latents")
+        if latents.dim() != 4 or len(prompts) != latents.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for latents of shape {tuple(latents.shape)}: "
+                             f"expected (B, C, h, w) with B = len(prompts)")
+        t0 = time.perf_counter()
+        images = self.decoder.decode(latents)                              # (B, 3, H, W)
+        decode_s = time.perf_counter() - t0
+        scores, metrics = self.score_images_with_metrics(images, prompts)
+        metrics["perf/reward/decode_s"] = decode_s
+        return scores, metrics
+
+    def score_images(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.score_images_with_metrics(images, prompts)[0]
+
+    def score_latents(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return self.score_latents_with_metrics(latents, prompts)[0]
+
+
+def _spec_dict(spec) -> dict:
+    if dataclasses.is_dataclass(spec):
+        spec = dataclasses.asdict(spec)
+    elif not isinstance(spec, Mapping):
+        raise ValueError(f"a reward spec must be a mapping or dataclass, got {type(spec).__name__}")
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def build_scorer(spec, *, device="cpu", dtype: torch.dtype = torch.float32) -> tuple[Scorer, float]:
+    """One flat spec -> (scorer, weight)."""
+    spec = _spec_dict(spec)
+    kind = spec.pop("name", None)
+    if kind not in _KINDS:
+        raise ValueError(f"unknown reward '{kind}'; known rewards: {list(REWARD_KINDS)}")
+    weight = float(spec.pop("weight", 1.0))
+    cls, fields, takes_device, takes_dtype = _KINDS[kind]
+    unknown = sorted(set(spec) - set(fields))
+    if unknown:
+        raise ValueError(f"reward '{kind}' does not take {unknown}; it takes {sorted(fields)} (+ name, weight)")
+    kwargs = {fields[k]: v for k, v in spec.items()}
+    if takes_device:
+        kwargs["device"] = device
+    if takes_dtype:
+        kwargs["dtype"] = dtype
+    return cls(**kwargs), weight
+
+
+def build_reward_model(specs, pipeline_path: str | Path | None, device="cpu", *, dtype: torch.dtype = torch.float32,
+                       decode_batch_size: int = 16) -> RewardModel:
+    """Reward specs (see module docstring) + the pipeline whose VAE decodes the leaves -> RewardModel.
+    pipeline_path None builds an image-only model (score_images)."""
+    specs = list(specs)
+    if not specs:
+        raise ValueError(f"no rewards configured; known rewards: {list(REWARD_KINDS)}")
+    scorers, weights = {}, {}
+    for spec in specs:
+        scorer, weight = build_scorer(spec, device=device, dtype=dtype)
+        if scorer.name in scorers:
+            raise ValueError(f"reward '{scorer.name}' is configured twice")
+        scorers[scorer.name], weights[scorer.name] = scorer, weight
+    decoder = None
+    if pipeline_path is not None:
+        decoder = LatentDecoder.from_pretrained(pipeline_path, device=device, dtype=dtype,
+                                                batch_size=decode_batch_size)
+    return RewardModel(decoder, scorers, weights)
