@@ -66,6 +66,7 @@ BAD = [
     (["pools.reward.resources={reward_slot: 0}"], "pools.reward.resources.reward_slot"),
     (["pools.sampler=4"], "pools.sampler must be a mapping"),
     (["model.dtype=float8"], "model.dtype"),
+    (["model.kind=ddim"], "not supported by the policy loader yet"),
     (["model.resolution=30"], "not a positive multiple of 8"),
     (["model.device=cuda"], "request no GPU"),
     (["iterations=0"], "iterations"),

@@ -338,6 +338,9 @@ def validate(cfg: Config) -> Config:
     _check(t.max_batch >= 0, "tree.max_batch", "must be >= 0", "use 0 for no limit")
     if t.variant != "tree":
         _check(t.leaves_per_tree >= 2, "tree.group_size", "GRPO needs >= 2 trajectories per prompt", "use >= 2")
+    _check(cfg.model.kind == "flow", "model.kind",
+           "ddim (epsilon-prediction UNet) pipelines are not supported by the policy loader yet (the DDIM step "
+           "exists in algo.sde, the StableDiffusionPipeline loader does not)", "use a flow-matching pipeline (SD3/SD3.5)")
     _check(cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution",
            f"{cfg.model.resolution} is not a positive multiple of 8", "use e.g. 32 (miniature) or 512")
     _check(cfg.model.lora_rank >= 0, "model.lora_rank", "must be >= 0", "use 0 for full fine-tune")
