@@ -61,6 +61,7 @@ BAD = [
     (["rewards.terms.0.weight=.nan"], "is not finite"),
     (["rewards.terms.1.name=miniature"], "duplicate reward names"),
     (["rewards.aggregate=max"], "rewards.aggregate"),
+    (["rewards.terms.0.name=clipscore"], "clipscore needs a local open_clip checkpoint"),
     (["prompts_per_iteration=3", "pools.samplers=2"], "do not split evenly over 2 samplers"),
     (["pools.samplers=0"], "each pool needs >= 1 actor"),
     (["pools.reward.resources={reward_slot: 0}"], "pools.reward.resources.reward_slot"),

@@ -402,6 +402,9 @@ def _validate_rewards(cfg: Config) -> None:
         _check(t.name in KNOWN_REWARDS, f"rewards.terms.{i}.name", f"unknown reward {t.name!r}",
                f"use one of {', '.join(KNOWN_REWARDS)}")
         _check(math.isfinite(t.weight), f"rewards.terms.{i}.weight", f"{t.weight} is not finite", "use a finite weight")
+        _check(t.name != "clipscore" or bool(t.checkpoint), f"rewards.terms.{i}.checkpoint",
+               "clipscore needs a local open_clip checkpoint (nothing is downloaded at run time)",
+               "download e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K open_clip_model.safetensors and give its path")
         _check(t.version in ("", "v2.0", "v2.1"), f"rewards.terms.{i}.version", f"{t.version!r} unknown", "use v2.1 or v2.0")
     _check(len(set(names)) == len(names), "rewards.terms", f"duplicate reward names {names}", "list each reward once")
     total = sum(t.weight for t in terms)
