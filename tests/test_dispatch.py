@@ -20,15 +20,14 @@ COSTS = SimCosts(nfe_s=1e-3, decode_s=1e-3, score_s=1e-3)
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=100 * 1024 ** 2, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+def cluster(ray_local):
     opts = dict(num_cpus=0.01, max_concurrency=1)
     samplers = [ray.remote(SimSampler).options(**opts).remote(COSTS, CHUNKS, nfe_by_window()) for _ in range(2)]
     rewards = [ray.remote(SimReward).options(**opts).remote(COSTS, actor_id=i) for i in range(2)]
     ray.get([a.ready.remote() for a in samplers + rewards])
     yield samplers, rewards
-    ray.shutdown()
+    for a in samplers + rewards:
+        ray.kill(a)
 
 
 def test_chunk_bounds_split_like_tensor_split():

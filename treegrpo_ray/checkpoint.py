@@ -38,6 +38,8 @@ def save_checkpoint(root: str | Path, iteration: int, *, model_state: dict[str, 
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
+    for stale in root.glob(".tmp-iter_*"):  # half-written by a killed job (one writer per run dir)
+        shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -88,7 +88,7 @@ def gather(cfg: Config, collected: Collected, learner_version: int):
 def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor]):
     leaf_adv, metrics = combine_rewards(raw, builders.reward_weights(cfg), batch.leaf_prompt,
                                         mode=cfg.rewards.aggregate, eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip)
-    dropped = float(torch.isnan(leaf_adv).sum())
+    dropped = metrics["reward/dropped"]  # leaves with a NaN/inf reward: advantage 0, counted here
     if dropped > cfg.rewards.max_nonfinite_fraction * leaf_adv.numel():
         raise RuntimeError(f"{int(dropped)} of {leaf_adv.numel()} leaves have non-finite rewards, more than "
                            f"rewards.max_nonfinite_fraction={cfg.rewards.max_nonfinite_fraction}; stopping before "
@@ -121,6 +121,33 @@ def evaluate(cfg: Config, system, prompts: list[str]) -> tuple[dict[str, float],
 
 
 # ----------------------------------------------------------------------------- run setup
+
+def redact_uri(uri: str) -> str:
+    """scheme://user:secret@host/... -> scheme://***@host/... for anything printed or returned."""
+    head, sep, rest = uri.partition("://")
+    host, slash, path = rest.partition("/")
+    return f"{head}://***@{host.rsplit('@', 1)[1]}{slash}{path}" if sep and "@" in host else uri
+
+
+def redacted_config(cfg: Config) -> dict:
+    """to_dict(cfg) with every value `flatten` redacts (secret-like keys, URIs with credentials) masked."""
+    masked = {k for k, v in flatten(cfg).items() if v == "***"}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            return {k: walk(v, f"{prefix}{k}.") for k, v in node.items()}
+        if isinstance(node, list) and node and isinstance(node[0], dict):
+            return [walk(v, f"{prefix}{i}.") for i, v in enumerate(node)]
+        return "***" if prefix.rstrip(".") in masked else node
+    return walk(to_dict(cfg), "")
+
+
+def logged_through(tracker) -> int:
+    """Last step this MLflow run has metrics for. A killed job may have logged iterations past its
+    last checkpoint; a resume replays them exactly (same seed) but does not log them twice."""
+    history = tracker.mlflow.MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "perf/iter_s")
+    return max((m.step for m in history), default=0)
+
 
 def resolve_paths(cfg: Config) -> RunPaths:
     root = Path(cfg.tracking.output_dir)
@@ -162,12 +189,13 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     builders.preflight(cfg)
     paths = resolve_paths(cfg)
     paths.run_dir.mkdir(parents=True, exist_ok=True)
-    (paths.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    (paths.run_dir / "config.json").write_text(json.dumps(redacted_config(cfg), indent=2))
     tracker = Tracker(tracking_uri(cfg.tracking.mlflow_uri, Path(cfg.tracking.output_dir)), cfg.tracking.experiment,
                       paths.run_dir.name, run_id=paths.run_state.get("mlflow_run_id"))
     tracker.log_params(flatten(cfg))
     start = int(paths.run_state.get("next_iteration", 0))
-    print(f"treegrpo_ray: run dir {paths.run_dir} | MLflow {tracker.uri} run {tracker.run_id} | "
+    logged = logged_through(tracker) if start else 0
+    print(f"treegrpo_ray: run dir {paths.run_dir} | MLflow {redact_uri(tracker.uri)} run {tracker.run_id} | "
           f"{'resuming at iteration ' + str(start) if start else 'fresh run'} | mode {cfg.mode}", file=out, flush=True)
     train_prompts, eval_prompts = builders.load_prompts(cfg, "train"), builders.load_prompts(cfg, "eval")
     eval_prompts = eval_prompts[: cfg.eval_prompts]
@@ -187,9 +215,11 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iterations):
                 em, images = evaluate(cfg, system, eval_prompts)
                 m.update(em)
-                if cfg.tracking.sample_grid_every and (step % cfg.tracking.sample_grid_every == 0 or step == cfg.iterations):
+                if cfg.tracking.sample_grid_every and (step % cfg.tracking.sample_grid_every == 0 or
+                                                       step == cfg.iterations) and step > logged:
                     tracker.log_image(images, "samples/eval", step=step)
-            tracker.log(m, step=step)
+            if step > logged:  # else: a replayed step the killed job already logged
+                tracker.log(m, step=step)
             history.append({"iteration": step, **m})
             if cfg.tracking.progress:
                 print(progress_line(it, cfg.iterations, m), file=out, flush=True)
@@ -235,5 +265,5 @@ def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
 def summarize(history: list[dict], paths: RunPaths, tracker) -> dict:
     evals = [h["eval/reward"] for h in history if "eval/reward" in h]
     train = [h["reward/combined"] for h in history if "reward/combined" in h and not math.isnan(h["reward/combined"])]
-    return {"run_dir": str(paths.run_dir), "mlflow_run_id": tracker.run_id, "mlflow_uri": tracker.uri,
+    return {"run_dir": str(paths.run_dir), "mlflow_run_id": tracker.run_id, "mlflow_uri": redact_uri(tracker.uri),
             "eval_rewards": evals, "train_rewards": train, "iterations": len(train)}

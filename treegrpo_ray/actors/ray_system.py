@@ -49,8 +49,8 @@ def cluster_demand(cfg: Config) -> dict[str, float]:
 
 
 def connect(cfg: Config) -> bool:
-    """Join a cluster (ray_address / $RAY_ADDRESS / `ray job submit`) or start a loopback-only
-    local instance big enough for the pools. Returns True if we started it."""
+    """Join a cluster (ray_address / $RAY_ADDRESS / `ray job submit`) or start a local instance
+    big enough for the pools (dashboard on loopback, token auth on). Returns True if we started it."""
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS", "")
     env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
     if ray.is_initialized():
@@ -69,7 +69,10 @@ def connect(cfg: Config) -> bool:
         raise ConfigError(f"pools request {demand['GPU']} GPUs but this machine has "
                           f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}; lower pools.*.num_gpus / "
                           "learner.resources.num_gpus or point ray_address at a GPU cluster")
-    # Loopback only. The dashboard stays on: Ray Train's state queries go through it.
+    # The dashboard (on: Ray Train's state queries go through it) binds to loopback. Ray's core
+    # gRPC servers listen on every interface whatever the node IP (Ray 2.60 resolves 127.0.0.1 to
+    # the routable address); they are guarded by token auth, which Ray turns on for every new
+    # local instance unless RAY_AUTH_MODE says otherwise (tests/test_security.py checks both).
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
              _node_ip_address="127.0.0.1", log_to_driver=True)
     return True
@@ -98,6 +101,7 @@ class RaySystem:
         self.samplers = [ray.remote(SamplerActor).options(name=None, **sopts).remote(cfg_dict, self.store, self.chunks)
                          for _ in range(p.samplers)]
         self.rewards = [ray.remote(RewardActor).options(**ropts).remote(cfg_dict) for _ in range(p.rewards)]
+        self.checkpoint = str(resume_from) if resume_from else None  # newest checkpoint of this run
         self._start_learner(cfg_dict, resume_from)
         ray.get([a.ready.remote() for a in self.samplers + self.rewards])
 
@@ -108,7 +112,8 @@ class RaySystem:
         lr = self.cfg.learner
         self.inboxes = [Queue() for _ in range(lr.workers)]
         self.outbox = Queue()
-        self.seq, self.version = 0, 0
+        self.seq, self.version, self.pending = 0, 0, None
+        self.learner_pid, self.learner_restarts, self.restarts_logged, self.reward_restarts = 0, 0, 0, 0
         res = {"CPU": lr.resources.num_cpus, **lr.resources.resources}
         if lr.resources.num_gpus:
             res["GPU"] = lr.resources.num_gpus
@@ -124,7 +129,8 @@ class RaySystem:
         self.fit_error: BaseException | None = None
         self.fit_thread = threading.Thread(target=self._fit, daemon=True)
         self.fit_thread.start()
-        self.version = self._reply("ready")["version"]
+        ready = self._reply("ready")
+        self.version, self.learner_pid = ready["version"], ready["pid"]
 
     def _fit(self) -> None:
         try:
@@ -133,8 +139,11 @@ class RaySystem:
             self.fit_error = e
 
     def _send(self, cmd: dict) -> int:
+        """One command at a time: the driver always waits for its reply before the next. Each
+        names the version and checkpoint a restarted learner must be at to run it (train_loop)."""
         self.seq += 1
-        cmd["seq"] = self.seq
+        cmd.update(seq=self.seq, version=self.version, checkpoint=self.checkpoint)
+        self.pending = cmd
         for q in self.inboxes:
             q.put(cmd)
         return self.seq
@@ -150,9 +159,27 @@ class RaySystem:
                 if not self.fit_thread.is_alive():
                     raise RuntimeError("the learner (Ray Train) stopped without answering")
                 continue
+            if msg["kind"] == "error":
+                raise RuntimeError(f"the learner stopped: {msg['error']}")
             if msg["kind"] == kind and (seq is None or msg.get("seq") == seq):
                 return msg
+            if msg["kind"] == "ready":
+                self._restarted(msg)
         raise TimeoutError(f"no {kind!r} reply from the learner within {REPLY_TIMEOUT_S} s")
+
+    def _restarted(self, ready: dict) -> None:
+        """Ray Train restarted the learner group: drop stale copies of the pending command and send
+        it again (a rank that already took it runs it once). The restored ranks catch up to the
+        command's version from our newest checkpoint, or answer "error" if the updates since it
+        are lost: we stop then rather than rewind silently, and resuming replays them exactly."""
+        self.learner_restarts += 1
+        self.learner_pid = ready["pid"]
+        for q in self.inboxes:
+            while not q.empty():
+                q.get_nowait()
+        if self.pending is not None:
+            for q in self.inboxes:
+                q.put(self.pending)
 
     # -- sampling + rewards ------------------------------------------------------------------------
     def launch(self, requests: list[SampleRequest]):
@@ -163,7 +190,9 @@ class RaySystem:
 
     def collect(self, handle) -> Collected:
         started, calls = handle
-        return collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=REPLY_TIMEOUT_S)
+        out = collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=REPLY_TIMEOUT_S)
+        out.restarts, self.reward_restarts = out.restarts + self.reward_restarts, 0
+        return out
 
     # -- learner commands ----------------------------------------------------------------------------
     def update(self, batch, leaf_advantages, iteration: int) -> dict[str, float]:
@@ -174,17 +203,21 @@ class RaySystem:
         self.version = reply["version"]
         metrics = dict(reply["metrics"])
         metrics["time/learner_s"] = time.perf_counter() - t0
+        metrics["perf/learner_restarts"] = float(self.learner_restarts - self.restarts_logged)  # since the last update
+        self.restarts_logged = self.learner_restarts
         return metrics
 
     def evaluate(self, prompts: list[str], seed: int):
         latents = self.samplers[0].evaluate.remote(prompts, seed)
-        scores, _, _, images = ray.get(self.rewards[0].score.remote(latents, prompts, 16))
+        scores, _, restarted, images = ray.get(self.rewards[0].score.remote(latents, prompts, 16))
+        self.reward_restarts += int(restarted)  # counted with the next iteration
         return scores, images
 
     def save(self, root, iteration: int, run_state: dict, keep: int):
         seq = self._send({"kind": "save", "root": str(root), "iteration": iteration, "run_state": run_state,
                           "keep": keep})
-        return self._reply("save", seq)["path"]
+        self.checkpoint = self._reply("save", seq)["path"]
+        return self.checkpoint
 
     def export(self, out_dir) -> str:
         seq = self._send({"kind": "export", "dir": str(out_dir)})

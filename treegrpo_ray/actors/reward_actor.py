@@ -1,9 +1,9 @@
 """Reward actor: holds the VAE and the scorers (loaded once), decodes leaf latents, scores them."""
 from __future__ import annotations
 
+import os
 import time
 
-import ray
 import torch
 
 from treegrpo_ray import builders
@@ -16,13 +16,18 @@ class RewardActor:
         self.cfg = from_dict(cfg_dict)
         builders.set_worker_threads(self.cfg.pools.reward.num_cpus)
         self.model = builders.build_reward_model(self.cfg)
+        self.restarted = reconstructed()  # reported with the next result, once per restart
 
     def score(self, latents: torch.Tensor, prompts: list[str], num_images: int = 0):
-        """-> (rewards per scorer, busy seconds, reconstructed?, first `num_images` decoded images)."""
+        """-> (rewards per scorer, busy seconds, restarted since the last call?, first `num_images` decoded images)."""
         t0 = time.perf_counter()
         scores = self.model.score_latents(latents, prompts)
         images = self.model.decoder.decode(latents[:num_images]) if num_images else None
-        return scores, time.perf_counter() - t0, reconstructed(), images
+        restarted, self.restarted = self.restarted, False
+        return scores, time.perf_counter() - t0, restarted, images
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()

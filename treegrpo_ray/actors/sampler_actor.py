@@ -3,6 +3,7 @@ call and returns leaf latents as separate objects, so the driver can route them 
 pool by reference without ever fetching them."""
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -22,6 +23,7 @@ class SamplerActor:
         self.policy = builders.build_policy(self.cfg)
         self.sampler = builders.build_sampler(self.cfg, self.policy)
         self.store, self.num_chunks, self.version = store, num_chunks, -1
+        self.restarted = reconstructed()  # reported with the next batch, once per restart
 
     def _pull(self) -> None:
         newest = ray.get(self.store.latest.remote(self.version))
@@ -37,7 +39,7 @@ class SamplerActor:
         batch = self.sampler.sample(prompts, window_start=window_start, seed=seed, policy_version=self.version)
         batch, leaves = split_leaves(batch)
         batch.extras["sample_s"] = time.perf_counter() - t0
-        batch.extras["reconstructed"] = float(reconstructed())
+        batch.extras["reconstructed"], self.restarted = float(self.restarted), False
         return (batch, *torch.tensor_split(leaves, self.num_chunks))
 
     def evaluate(self, prompts: list[str], seed: int) -> torch.Tensor:
@@ -46,3 +48,6 @@ class SamplerActor:
 
     def ready(self) -> int:
         return self.version
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -7,13 +7,23 @@ Commands: {"kind": "update", "seq", "batch": [ref], "leaf_adv", "iteration"} | {
 "seq", "root", "iteration", "run_state", "keep"} | {"kind": "export", "seq", "dir"} | {"kind": "stop"}.
 
 Worker failure: Ray Train restarts the group (FailureConfig) and re-runs this function; the
-restored rank 0 reloads the newest checkpoint (reported to Ray Train as a small pointer, so the
-weights are not copied twice), republishes that version and says "ready" again; the driver then
-re-sends the commands that were not answered.
+restored ranks reload the checkpoint Ray Train hands back (reported as a small pointer, so the
+weights are not copied twice) and rank 0 says "ready" again; the driver then re-sends the one
+command it was waiting on (a rank that already took it skips the copy: a seq never runs twice).
+Every command carries the driver's weights version and newest checkpoint path. Ray Train
+registers reports asynchronously, so the checkpoint it hands back can be one save behind: a rank
+whose version differs from the command's loads the driver's checkpoint instead, and if that does
+not hold the version either (updates since the last save are lost) it answers "error" and the
+run stops with advice to resume. Rank 0 republishes restored weights only if the store does not
+already hold a newer version: the store never goes backwards.
+
+A diverged learner (`TrainingDiverged`, the same decision on every rank) answers "error" and ends
+the loop too: retrying it from a checkpoint would only diverge again.
 """
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -25,6 +35,7 @@ import torch
 from treegrpo_ray import builders
 from treegrpo_ray.checkpoint import load_checkpoint, save_checkpoint
 from treegrpo_ray.config import from_dict
+from treegrpo_ray.learning.learner import TrainingDiverged
 
 
 def _restore_path(config: dict) -> str | None:
@@ -49,34 +60,73 @@ def _build(config: dict):
     learner = builders.build_learner(cfg, policy, module=module, rank=rank, world_size=world)
     path = _restore_path(config)
     if path:
-        model, optim, _ = load_checkpoint(path)
-        policy.load_broadcast_state(model)
-        if optim is not None:
-            learner.load_state(optim)
+        _load(path, policy, learner)
     return cfg, rank, policy, learner
+
+
+class LearnerBehind(RuntimeError):
+    """A restarted learner cannot reach the weights version the driver is at."""
+
+
+def _load(path: str, policy, learner) -> None:
+    model, optim, _ = load_checkpoint(path)
+    policy.load_broadcast_state(model)
+    if optim is not None:
+        learner.load_state(optim)
+
+
+def _catch_up(cmd: dict, policy, learner) -> None:
+    """Bring a restarted learner to the version the command expects, from the driver's newest checkpoint."""
+    if cmd["version"] == learner.version:
+        return
+    restored = learner.version
+    if cmd["checkpoint"]:
+        _load(cmd["checkpoint"], policy, learner)
+    if cmd["version"] == learner.version:
+        return
+    raise LearnerBehind(
+        f"a learner worker died and was restored at weights version {restored}, but the run is at version "
+        f"{cmd['version']} and its newest checkpoint ({cmd['checkpoint'] or 'none yet'}) does not hold it: the "
+        "updates since are lost. Resubmit with checkpoint.resume=latest (it replays from the newest checkpoint "
+        "exactly); checkpoint.every=1 makes learner restarts lossless.")
 
 
 def learner_loop(config: dict) -> None:
     cfg, rank, policy, learner = _build(config)
     inbox, outbox, store = config["inboxes"][rank], config["outbox"], config["store"]
     if rank == 0:
-        ray.get(store.publish.remote(learner.version, policy.state_for_broadcast()))
-        outbox.put({"kind": "ready", "version": learner.version})
+        if learner.version >= ray.get(store.current_version.remote()):
+            ray.get(store.publish.remote(learner.version, policy.state_for_broadcast()))
+        outbox.put({"kind": "ready", "version": learner.version, "pid": os.getpid()})
+    done = 0  # highest seq run by this worker: a command re-sent after a restart runs once
     while True:
         cmd = inbox.get()
-        kind = cmd["kind"]
-        if kind == "stop":
+        if cmd["kind"] == "stop":
             return
-        if kind == "update":
-            batch = ray.get(cmd["batch"][0])
-            metrics = learner.update(batch, cmd["leaf_adv"], cmd["iteration"])
+        if cmd["seq"] <= done:
+            continue
+        done = cmd["seq"]
+        try:
+            _catch_up(cmd, policy, learner)
+            _run(cmd, rank, policy, learner, store, outbox)
+        except (TrainingDiverged, LearnerBehind) as e:
             if rank == 0:
-                ray.get(store.publish.remote(learner.version, policy.state_for_broadcast()))
-                outbox.put({"kind": "update", "seq": cmd["seq"], "metrics": metrics, "version": learner.version})
-        elif kind == "save":
-            _save(cmd, rank, policy, learner, outbox)
-        elif kind == "export" and rank == 0:
-            outbox.put({"kind": "export", "seq": cmd["seq"], "path": str(policy.export(cmd["dir"]))})
+                outbox.put({"kind": "error", "seq": cmd["seq"], "error": str(e)})
+            return
+
+
+def _run(cmd: dict, rank: int, policy, learner, store, outbox) -> None:
+    kind = cmd["kind"]
+    if kind == "update":
+        batch = ray.get(cmd["batch"][0])
+        metrics = learner.update(batch, cmd["leaf_adv"], cmd["iteration"])
+        if rank == 0:
+            ray.get(store.publish.remote(learner.version, policy.state_for_broadcast()))
+            outbox.put({"kind": "update", "seq": cmd["seq"], "metrics": metrics, "version": learner.version})
+    elif kind == "save":
+        _save(cmd, rank, policy, learner, outbox)
+    elif kind == "export" and rank == 0:
+        outbox.put({"kind": "export", "seq": cmd["seq"], "path": str(policy.export(cmd["dir"]))})
 
 
 def _save(cmd: dict, rank: int, policy, learner, outbox) -> None:
