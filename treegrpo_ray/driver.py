@@ -266,4 +266,5 @@ def summarize(history: list[dict], paths: RunPaths, tracker) -> dict:
     evals = [h["eval/reward"] for h in history if "eval/reward" in h]
     train = [h["reward/combined"] for h in history if "reward/combined" in h and not math.isnan(h["reward/combined"])]
     return {"run_dir": str(paths.run_dir), "mlflow_run_id": tracker.run_id, "mlflow_uri": redact_uri(tracker.uri),
-            "eval_rewards": evals, "train_rewards": train, "iterations": len(train)}
+            "eval_rewards": evals, "train_rewards": train, "iterations": len(train),
+            "iter_s": [h["perf/iter_s"] for h in history if "perf/iter_s" in h]}
