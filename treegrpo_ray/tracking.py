@@ -27,7 +27,14 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None):
         import mlflow
         self.mlflow = mlflow
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
+        # mlflow exports the URI into the environment; undo that so a later run in this process
+        # (tests, benchmarks) resolves its own default instead of inheriting this run's store
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
         mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name or None)
         self.run_id, self.uri = self.run.info.run_id, uri

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from treegrpo_ray import builders
-from treegrpo_ray.actors.weight_store import reconstructed
+from treegrpo_ray.actors.weight_store import reconstructed, unpack_state
 from treegrpo_ray.config import from_dict
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import split_leaves
@@ -29,7 +29,7 @@ class SamplerActor:
         newest = ray.get(self.store.latest.remote(self.version))
         if newest is not None:
             version, (ref,) = newest
-            self.policy.load_broadcast_state(ray.get(ref))
+            self.policy.load_broadcast_state(unpack_state(ray.get(ref)))
             self.version = version
 
     def sample(self, prompts: list[str], window_start: int, seed: int):

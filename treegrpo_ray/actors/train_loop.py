@@ -33,6 +33,7 @@ import ray.train.torch
 import torch
 
 from treegrpo_ray import builders
+from treegrpo_ray.actors.weight_store import pack_state
 from treegrpo_ray.checkpoint import load_checkpoint, save_checkpoint
 from treegrpo_ray.config import from_dict
 from treegrpo_ray.learning.learner import TrainingDiverged
@@ -96,7 +97,7 @@ def learner_loop(config: dict) -> None:
     inbox, outbox, store = config["inboxes"][rank], config["outbox"], config["store"]
     if rank == 0:
         if learner.version >= ray.get(store.current_version.remote()):
-            ray.get(store.publish.remote(learner.version, policy.state_for_broadcast()))
+            ray.get(store.publish.remote(learner.version, pack_state(policy.state_for_broadcast())))
         outbox.put({"kind": "ready", "version": learner.version, "pid": os.getpid()})
     done = 0  # highest seq run by this worker: a command re-sent after a restart runs once
     while True:
@@ -121,7 +122,7 @@ def _run(cmd: dict, rank: int, policy, learner, store, outbox) -> None:
         batch = ray.get(cmd["batch"][0])
         metrics = learner.update(batch, cmd["leaf_adv"], cmd["iteration"])
         if rank == 0:
-            ray.get(store.publish.remote(learner.version, policy.state_for_broadcast()))
+            ray.get(store.publish.remote(learner.version, pack_state(policy.state_for_broadcast())))
             outbox.put({"kind": "update", "seq": cmd["seq"], "metrics": metrics, "version": learner.version})
     elif kind == "save":
         _save(cmd, rank, policy, learner, outbox)

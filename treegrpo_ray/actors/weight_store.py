@@ -6,7 +6,35 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import ray
+import torch
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, str]]:
+    """Torch state -> numpy arrays (bf16/fp16 as same-width integer views). Ray hands numpy out
+    zero-copy and read-only; its default torch path copies on every get at ~0.6 GB/s
+    (bench/bench_weight_sync.py: 1 GB fetch 1.9 s as torch, 0.28 s as numpy)."""
+    packed = {}
+    for k, t in state.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            packed[k] = (t.view(torch.int16).numpy(), str(t.dtype))
+        else:
+            packed[k] = (t.numpy(), str(t.dtype))
+    return packed
+
+
+def unpack_state(packed: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+    """Inverse of pack_state. The tensors alias read-only object-store memory: callers copy them
+    into their own parameters (load_broadcast_state does) and never write to them."""
+    out = {}
+    with warnings.catch_warnings():  # torch warns that the array is not writable; we only read it
+        warnings.simplefilter("ignore")
+        for k, (a, dtype) in packed.items():
+            t = torch.from_numpy(a)
+            out[k] = t.view(getattr(torch, dtype.removeprefix("torch."))) if dtype in ("torch.bfloat16", "torch.float16") else t
+    return out
 
 
 def reconstructed() -> bool:
