@@ -1,7 +1,8 @@
 """The whole system in one process, no Ray: the same components the actors wrap, called
-directly. For debugging, tests, and the Ray-overhead benchmark's baseline. Sampling happens at
-`launch` (eagerly), exactly where the Ray system starts its sampler calls, so both systems see
-the same weights for the same seed and staleness."""
+directly. For debugging, tests, and the Ray-overhead benchmark's baseline. With max_staleness > 0
+sampling happens at `launch` (eagerly), exactly where the Ray system starts its sampler calls, so
+both systems see the same weights; on-policy (max_staleness = 0) it happens at `collect`, which
+sees the same weights too and charges the sampling to its own iteration's wall time, as Ray does."""
 from __future__ import annotations
 
 import time
@@ -33,7 +34,13 @@ class LocalSystem:
     def version(self) -> int:
         return self.learner.version
 
-    def launch(self, requests: list[SampleRequest]) -> Collected:
+    def launch(self, requests: list[SampleRequest]):
+        return self._sample_and_score(requests) if self.cfg.max_staleness > 0 else requests
+
+    def collect(self, handle) -> Collected:
+        return handle if isinstance(handle, Collected) else self._sample_and_score(handle)
+
+    def _sample_and_score(self, requests: list[SampleRequest]) -> Collected:
         out = Collected()
         for req in requests:
             t0 = time.perf_counter()
@@ -46,9 +53,6 @@ class LocalSystem:
             t2 = time.perf_counter()
             out.add(batch, scores, sample_s=t1 - t0, reward_s=t2 - t1)
         return out
-
-    def collect(self, handle: Collected) -> Collected:
-        return handle
 
     def update(self, batch, leaf_advantages, iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
