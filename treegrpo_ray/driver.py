@@ -249,7 +249,7 @@ def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
         m.update(system.update(batch, leaf_adv, it))
         m["perf/nfe"] = float(batch.nfe)
         m["tree/leaves"] = float(batch.num_leaves)
-        m["tree/window_start"] = float(plan(cfg, prompts, it)[0].window_start)
+        m["tree/window_start"] = float(collected.batches[0].extras.get("window_start", -1.0))
     if nxt is None and it + 1 < cfg.iterations:
         nxt = system.launch(plan(cfg, prompts, it + 1))
     wall = time.perf_counter() - t0
