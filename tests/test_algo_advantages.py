@@ -38,6 +38,25 @@ def test_normalize_per_prompt_clip_and_constant_rewards():
     assert (normalize_per_prompt(torch.ones(3), torch.zeros(3, dtype=torch.long), eps=0.0) == 0).all()
 
 
+def test_batch_and_no_std_scaling_hand_computed():
+    # prompt 0: rewards 0.0, 0.2 -> centred -0.1, +0.1 (spread that matters)
+    # prompt 1: rewards 0.500, 0.502 -> centred -0.001, +0.001 (all leaves alike)
+    # prompt 2: a single leaf -> 0
+    rewards = torch.tensor([0.0, 0.2, 0.500, 0.502, 0.9])
+    ids = torch.tensor([0, 0, 1, 1, 2])
+    centred = torch.tensor([-0.1, 0.1, -0.001, 0.001, 0.0])
+    torch.testing.assert_close(normalize_per_prompt(rewards, ids, std="none"), centred)
+    # batch std = sqrt((0.01 + 0.01 + 1e-6 + 1e-6 + 0) / 5) = sqrt(0.0040004) = 0.06324872;
+    # 0.1 / 0.06324872 = 1.5810598, 0.001 / 0.06324872 = 0.0158106
+    torch.testing.assert_close(normalize_per_prompt(rewards, ids, eps=0.0, std="batch"),
+                               torch.tensor([-1.5810598, 1.5810598, -0.0158106, 0.0158106, 0.0]))
+    # per-prompt std blows prompt 1's 0.002 spread up to the same +-1 as prompt 0's real one
+    torch.testing.assert_close(normalize_per_prompt(rewards, ids, eps=0.0, std="prompt"),
+                               torch.tensor([-1.0, 1.0, -1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="std must be one of"):
+        normalize_per_prompt(rewards, ids, std="group")
+
+
 def test_normalize_per_prompt_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         normalize_per_prompt(torch.tensor([1.0, NAN]), torch.zeros(2, dtype=torch.long))

@@ -8,8 +8,8 @@ def test_defaults_are_the_miniature_run():
     cfg = load_config()
     assert cfg == Config()
     assert (cfg.tree.variant, cfg.tree.k, cfg.tree.depth, cfg.tree.num_steps) == ("tree", 3, 3, 10)
-    # 4 prompts x (3**3 - 1) / (3 - 1) = 4 x 13 decisions
-    assert decisions_per_iteration(cfg) == 52
+    # 8 prompts x (3**3 - 1) / (3 - 1) = 8 x 13 decisions
+    assert decisions_per_iteration(cfg) == 104
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -56,6 +56,8 @@ BAD = [
     (["learner.betas=[0.9]"], "learner.betas"),
     (["learner.workers=5"], "do not split evenly into workers x minibatches = 5"),
     (["learner.strategy=fsdp"], "fsdp needs GPUs"),
+    (["tree.variant=flat", "tree.group_size=27", "learner.edge_baseline=parent"], "compares siblings"),
+    (["learner.adv_std=group"], "learner.adv_std"),
     (["rewards.terms.0.name=aesthetic"], "unknown reward 'aesthetic'"),
     (["rewards.terms.0.weight=0"], "weights sum to 0.0"),
     (["rewards.terms.0.weight=.nan"], "is not finite"),
@@ -108,3 +110,20 @@ def test_every_field_documented():
     lines = describe()
     assert all("--" in line and line.split("--", 1)[1].strip() for line in lines)
     assert any(line.startswith("tree.k = 3") for line in lines)
+
+
+def test_prompt_sets(tmp_path):
+    from treegrpo_ray.builders import load_prompts
+    from treegrpo_ray.toy.world import demo_prompts, split_prompts
+    train, held = split_prompts()
+    cfg = load_config(None, ["eval_prompts=4"])
+    assert load_prompts(cfg, "train") == demo_prompts()
+    assert load_prompts(cfg, "eval") == demo_prompts()[:4]   # eval scores what RL trains on ...
+    assert load_prompts(cfg, "held_out") == held              # ... and what it never sees
+    assert load_prompts(load_config(None, ["prompts=miniature-all"]), "train") == train
+    (tmp_path / "p.txt").write_text("# a comment\na cat\n\na dog\n")
+    cfg = load_config(None, [f"prompts={tmp_path / 'p.txt'}", "eval_prompts=1"])
+    assert (load_prompts(cfg, "train"), load_prompts(cfg, "eval"), load_prompts(cfg, "held_out")) == \
+        (["a cat", "a dog"], ["a cat"], [])
+    with pytest.raises(ConfigError, match="'miniature' / 'miniature-all'"):
+        load_prompts(load_config(None, ["prompts=miniatur"]), "train")

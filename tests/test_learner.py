@@ -57,6 +57,24 @@ def test_decision_advantages_read_child_values():
     assert adv.tolist() == [[0.0, -1.0]]
 
 
+def test_parent_baseline_compares_siblings_hand_computed():
+    # k=2, d=2: root 0 -> nodes 1, 2; node 1 -> leaves 3, 4; node 2 -> leaves 5, 6.
+    # leaf advantages 1, 3, -1, -3 -> V(1) = 2, V(2) = -2, V(0) = 0 (uniform means)
+    from types import SimpleNamespace
+    batch = SimpleNamespace(parent=torch.tensor([-1, 0, 0, 1, 1, 2, 2]), leaf_node=torch.tensor([3, 4, 5, 6]),
+                            child_node=torch.tensor([[1, 2], [3, 4], [5, 6]]), node_log_prob=torch.zeros(7))
+    leaf_adv = torch.tensor([1.0, 3.0, -1.0, -3.0])
+    # paper: A(u -> c) = V(c); the depth-2 edges under node 1 are all positive although
+    # leaf 3 is its node's worse child
+    assert decision_advantages(batch, leaf_adv).tolist() == [[2.0, -2.0], [1.0, 3.0], [-1.0, -3.0]]
+    # parent baseline: A(u -> c) = V(c) - V(u): node 1: 1 - 2, 3 - 2; node 2: -1 + 2, -3 + 2
+    assert decision_advantages(batch, leaf_adv, baseline="parent").tolist() == [[2.0, -2.0], [-1.0, 1.0], [1.0, -1.0]]
+    chain = SimpleNamespace(parent=torch.tensor([-1, 0]), leaf_node=torch.tensor([1]),
+                            child_node=torch.tensor([[1]]), node_log_prob=torch.zeros(2))
+    with pytest.raises(ValueError, match="K >= 2"):
+        decision_advantages(chain, torch.tensor([1.0]), baseline="parent")
+
+
 def test_update_raises_logprob_of_the_better_child():
     policy = ConstantVelocityPolicy()
     batch = one_decision_batch(policy, k=2)

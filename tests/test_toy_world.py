@@ -104,3 +104,11 @@ def test_t5_tokenizer_whole_words():
     assert tok.unk_token_id not in ids
     assert tok.decode(ids, skip_special_tokens=True) == PROMPT
     assert tok.unk_token_id not in tok("a purple hexagon")["input_ids"]  # letter fallback
+
+
+def test_demo_prompts_are_a_fixed_subset_of_the_training_split():
+    train, held = world.split_prompts()
+    demo = world.demo_prompts()
+    assert len(demo) == len(set(demo)) == world.DEMO_COUNT
+    assert set(demo) <= set(train) and not set(demo) & set(held)
+    assert world.demo_prompts() == demo  # independent of any global RNG state

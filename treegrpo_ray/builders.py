@@ -11,6 +11,7 @@ import torch
 from treegrpo_ray.config import Config, ConfigError
 
 MINIATURE_DIR = Path(__file__).parent / "assets" / "miniature"
+MINIATURE_PROMPTS = ("miniature", "miniature-all")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -26,20 +27,28 @@ def pipeline_path(cfg: Config) -> str:
 
 
 def load_prompts(cfg: Config, split: str = "train") -> list[str]:
-    """The prompt list for training ('train') or evaluation ('eval')."""
-    if cfg.prompts == "miniature":
-        from treegrpo_ray.toy.world import split_prompts
+    """Prompts for training ('train'), evaluation ('eval': the first `eval_prompts` training
+    prompts, scored at a fixed seed) or generalisation ('held_out': the miniature world's unseen
+    prompt combinations; [] for a prompt file)."""
+    if split not in ("train", "eval", "held_out"):
+        raise ValueError(f"split must be 'train', 'eval' or 'held_out', got {split!r}")
+    if cfg.prompts in MINIATURE_PROMPTS:
+        from treegrpo_ray.toy.world import demo_prompts, split_prompts
         train, held_out = split_prompts()
-        return train if split == "train" else held_out
-    path = Path(cfg.prompts)
-    if not path.is_file():
-        raise ConfigError(f"prompts: prompt file {str(path)!r} does not exist; give a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not prompts:
-        raise ConfigError(f"prompts: prompt file {str(path)!r} holds no prompts; write one prompt per line")
-    if split == "eval":
-        return prompts[: cfg.eval_prompts]
-    return prompts
+        if split == "held_out":
+            return held_out
+        prompts = demo_prompts() if cfg.prompts == "miniature" else train
+    else:
+        path = Path(cfg.prompts)
+        if not path.is_file():
+            raise ConfigError(f"prompts: prompt file {str(path)!r} does not exist; give a text file with one prompt "
+                              "per line, or 'miniature' / 'miniature-all'")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        if not prompts:
+            raise ConfigError(f"prompts: prompt file {str(path)!r} holds no prompts; write one prompt per line")
+        if split == "held_out":
+            return []
+    return prompts[: cfg.eval_prompts] if split == "eval" else prompts
 
 
 def build_policy(cfg: Config, device: str | None = None):
@@ -73,7 +82,8 @@ def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size
     from treegrpo_ray.learning.learner import GRPOLearner
     lr = cfg.learner
     return GRPOLearner(policy, module=module, lr=lr.lr, weight_decay=lr.weight_decay, betas=lr.betas,
-                       clip_eps=lr.clip_eps, weighting=lr.weighting, temperature=lr.temperature, kl_beta=lr.kl_beta,
+                       clip_eps=lr.clip_eps, weighting=lr.weighting, temperature=lr.temperature, baseline=lr.edge_baseline,
+                       kl_beta=lr.kl_beta,
                        grad_clip=lr.grad_clip, minibatches=lr.minibatches, epochs=lr.epochs,
                        micro_batch=lr.micro_batch, noise_level=cfg.tree.noise_level,
                        logprob_reduction=cfg.tree.logprob_reduction, max_bad_updates=lr.max_bad_updates,

@@ -78,7 +78,8 @@ class ResourcesConfig:
 class PoolsConfig:
     samplers: int = doc(1, "sampler actors (grow trees)")
     rewards: int = doc(1, "reward actors (decode + score leaves)")
-    sampler: ResourcesConfig = doc(ResourcesConfig(), "resources of each sampler actor")
+    sampler: ResourcesConfig = doc(ResourcesConfig(num_cpus=2.0), "resources of each sampler actor (num_cpus = its "
+                                   "torch threads; 2 suits a laptop, where on-policy stages take turns)")
     reward: ResourcesConfig = doc(ResourcesConfig(), "resources of each reward actor")
     max_restarts: int = doc(3, "Ray restarts of a crashed sampler/reward actor (-1 = unlimited)")
     max_task_retries: int = doc(3, "retries of a call lost with its actor")
@@ -107,10 +108,14 @@ class LearnerConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: tuple[float, ...] = doc((0.9, 0.999), "AdamW betas")
     clip_eps: float = doc(0.2, "PPO/GRPO ratio clip epsilon (authors' SD3.5 code: 1e-4)")
-    adv_eps: float = doc(1e-4, "epsilon added to the per-prompt reward std")
+    adv_std: str = doc("prompt", "scale of centred leaf rewards: prompt (GRPO: per-prompt std) | batch (one "
+                       "batch-wide std; prompts whose leaves all score alike stay small) | none")
+    adv_eps: float = doc(1e-4, "epsilon added to the reward std")
     adv_clip: float = doc(5.0, "clip normalised leaf advantages to +-adv_clip")
     weighting: str = doc("uniform", "value propagation: uniform (authors' code) | softmax (paper, by old log-prob)")
     temperature: float = doc(1.0, "softmax weighting temperature")
+    edge_baseline: str = doc("none", "edge advantage: none (paper: V(child)) | parent (V(child) - V(node): "
+                             "each child against its siblings; tree variant only)")
     kl_beta: float = doc(0.0, "weight of the KL-to-reference term (Flow-GRPO form); 0 = off")
     grad_clip: float = doc(1.0, "max gradient norm; 0 = no clipping")
     minibatches: int = doc(1, "optimizer steps per iteration (decisions split evenly)")
@@ -118,7 +123,8 @@ class LearnerConfig:
     micro_batch: int = doc(0, "decisions per forward/backward (gradient accumulation); 0 = whole minibatch")
     workers: int = doc(1, "Ray Train data-parallel learner workers")
     strategy: str = doc("ddp", "ddp | fsdp (full fine-tune of large models on GPU)")
-    resources: ResourcesConfig = doc(ResourcesConfig(), "resources of each learner worker")
+    resources: ResourcesConfig = doc(ResourcesConfig(num_cpus=2.0), "resources of each learner worker (num_cpus = "
+                                     "its torch threads; 2 suits a laptop, where on-policy stages take turns)")
     max_bad_updates: int = doc(3, "consecutive skipped (non-finite / exploding) updates before the run stops")
     explode_factor: float = doc(100.0, "an update whose grad norm exceeds this x the running median is skipped")
 
@@ -144,10 +150,13 @@ class CheckpointConfig:
 class Config:
     seed: int = doc(0, "seed for noise, windows and init; same seed -> same run")
     iterations: int = doc(30, "training iterations (sample -> score -> update)")
-    prompts: str = doc("miniature", "'miniature' (the world's train prompts) or a text file, one prompt per line")
-    prompts_per_iteration: int = doc(4, "prompts per iteration, split evenly over samplers")
-    eval_every: int = doc(5, "evaluate on held-out prompts every N iterations; 0 = never")
-    eval_prompts: int = doc(16, "held-out prompts per evaluation")
+    prompts: str = doc("miniature", "'miniature' (16 fixed prompts of the world's training split), 'miniature-all' "
+                       "(all 120) or a text file, one prompt per line")
+    prompts_per_iteration: int = doc(8, "prompts per iteration, split evenly over samplers")
+    eval_every: int = doc(10, "evaluate every N iterations (ODE, fixed seed) on training prompts and, for the "
+                          "miniature, its held-out prompts; 0 = never")
+    eval_prompts: int = doc(16, "training prompts per evaluation (the first N)")
+    eval_images_per_prompt: int = doc(2, "ODE samples per prompt per evaluation (each from its own noise)")
     max_staleness: int = doc(0, "accept trees grown by weights at most this many versions old; 0 = on-policy")
     mode: str = doc("ray", "ray (actors + Ray Train) | local (everything in this process, for debugging/tests)")
     ray_address: str = doc("", "Ray cluster address; '' = $RAY_ADDRESS, else start a local instance")
@@ -167,6 +176,7 @@ _CHOICES = {
     "model.device": ("auto", "cpu", "cuda"), "tree.variant": ("tree", "flat", "mix"),
     "tree.window": ("random", "sliding"), "tree.logprob_reduction": ("mean", "sum"),
     "rewards.aggregate": ("raw", "advantage"), "learner.weighting": ("uniform", "softmax"),
+    "learner.adv_std": ("prompt", "batch", "none"), "learner.edge_baseline": ("none", "parent"),
     "learner.strategy": ("ddp", "fsdp"), "mode": ("ray", "local"),
 }
 
@@ -247,6 +257,7 @@ def validate(cfg: Config) -> Config:
            f"{cfg.prompts_per_iteration} prompts do not split evenly over {cfg.pools.samplers} samplers",
            "make prompts_per_iteration a multiple of pools.samplers")
     _check(cfg.max_staleness >= 0, "max_staleness", "must be >= 0", "use 0 for strictly on-policy")
+    _check(cfg.eval_images_per_prompt >= 1, "eval_images_per_prompt", "must be >= 1", "use e.g. 4")
     _check(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every", "eval_every >= 0 and eval_prompts >= 1",
            "use e.g. eval_every=5 eval_prompts=16")
     _check(cfg.prompts.strip() != "", "prompts", "is empty", "use 'miniature' or a prompt file path")
@@ -283,6 +294,9 @@ def _validate_learner(cfg: Config) -> None:
            f"{n} decisions per iteration do not split evenly into workers x minibatches = {parts} "
            "(every DDP rank must take the same number of steps)",
            "change learner.workers/learner.minibatches or prompts_per_iteration so they divide the decision count")
+    _check(lr.edge_baseline == "none" or cfg.tree.variant == "tree", "learner.edge_baseline",
+           f"'parent' compares siblings, and tree.variant={cfg.tree.variant!r} has none (every advantage would be 0)",
+           "use learner.edge_baseline=none for flat/mix")
     _check(lr.strategy == "ddp" or lr.resources.num_gpus > 0, "learner.strategy",
            "fsdp needs GPUs", "use learner.strategy=ddp on CPU")
 

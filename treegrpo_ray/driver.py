@@ -87,7 +87,8 @@ def gather(cfg: Config, collected: Collected, learner_version: int):
 
 def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor]):
     leaf_adv, metrics = combine_rewards(raw, builders.reward_weights(cfg), batch.leaf_prompt,
-                                        mode=cfg.rewards.aggregate, eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip)
+                                        mode=cfg.rewards.aggregate, eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip,
+                                        std=cfg.learner.adv_std)
     dropped = metrics["reward/dropped"]  # leaves with a NaN/inf reward: advantage 0, counted here
     if dropped > cfg.rewards.max_nonfinite_fraction * leaf_adv.numel():
         raise RuntimeError(f"{int(dropped)} of {leaf_adv.numel()} leaves have non-finite rewards, more than "
@@ -106,17 +107,26 @@ def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor]):
 
 def progress_line(it: int, total: int, m: dict[str, float]) -> str:
     ev = f" eval {m['eval/reward']:.3f} |" if "eval/reward" in m else ""
+    if "eval_held_out/reward" in m:
+        ev += f" held-out {m['eval_held_out/reward']:.3f} |"
     return (f"iter {it + 1:>4}/{total} | reward {m.get('reward/combined', float('nan')):.3f} |{ev} "
-            f"loss {m.get('loss/total', float('nan')):+.4f} | clip {m.get('loss/clip_frac', 0):.2f} | "
+            f"loss {m.get('loss/total', float('nan')):+.1e} | clip {m.get('loss/clip_frac', 0):.2f} | "
             f"nfe {int(m.get('perf/nfe', 0))} | {m.get('perf/iter_s', 0):.2f} s/it | lag {int(m.get('staleness/max_lag', 0))}")
 
 
-def evaluate(cfg: Config, system, prompts: list[str]) -> tuple[dict[str, float], torch.Tensor]:
-    scores, images = system.evaluate(prompts, EVAL_SEED)
+def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]) -> tuple[dict[str, float], torch.Tensor]:
+    """ODE samples at a fixed seed: `eval/*` on (training) `prompts`, what RL optimises, and
+    `eval_held_out/*` on prompts it never trains on, which says whether the gain generalises."""
     weights = builders.reward_weights(cfg)
-    combined = sum(weights[n] * scores[n].float() for n in scores) / sum(weights.values())
-    out = {f"eval/{n}": float(s.float().nanmean()) for n, s in scores.items()}
-    out["eval/reward"] = float(combined.nanmean())
+    out, images = {}, None
+    for prefix, ps in (("eval", prompts), ("eval_held_out", held_out)):
+        if not ps:
+            continue
+        scores, imgs = system.evaluate(ps * cfg.eval_images_per_prompt, EVAL_SEED)  # row i: its own noise
+        images = imgs if images is None else images
+        combined = sum(weights[n] * scores[n].float() for n in scores) / sum(weights.values())
+        out.update({f"{prefix}/{n}": float(s.float().nanmean()) for n, s in scores.items()})
+        out[f"{prefix}/reward"] = float(combined.nanmean())
     return out, images
 
 
@@ -198,13 +208,13 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     print(f"treegrpo_ray: run dir {paths.run_dir} | MLflow {redact_uri(tracker.uri)} run {tracker.run_id} | "
           f"{'resuming at iteration ' + str(start) if start else 'fresh run'} | mode {cfg.mode}", file=out, flush=True)
     train_prompts, eval_prompts = builders.load_prompts(cfg, "train"), builders.load_prompts(cfg, "eval")
-    eval_prompts = eval_prompts[: cfg.eval_prompts]
+    held_out = builders.load_prompts(cfg, "held_out")
     system = build_system(cfg, paths.resume_from)
     history: list[dict[str, float]] = []
     status = "FAILED"
     try:
         if start == 0 and cfg.eval_every:
-            m, images = evaluate(cfg, system, eval_prompts)
+            m, images = evaluate(cfg, system, eval_prompts, held_out)
             tracker.log(m, step=0)
             tracker.log_image(images, "samples/eval", step=0)
             history.append({"iteration": 0, **m})
@@ -213,7 +223,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             handle, m = iteration(cfg, system, handle, train_prompts, it)
             step = it + 1
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iterations):
-                em, images = evaluate(cfg, system, eval_prompts)
+                em, images = evaluate(cfg, system, eval_prompts, held_out)
                 m.update(em)
                 if cfg.tracking.sample_grid_every and (step % cfg.tracking.sample_grid_every == 0 or
                                                        step == cfg.iterations) and step > logged:
@@ -264,7 +274,8 @@ def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
 
 def summarize(history: list[dict], paths: RunPaths, tracker) -> dict:
     evals = [h["eval/reward"] for h in history if "eval/reward" in h]
+    held = [h["eval_held_out/reward"] for h in history if "eval_held_out/reward" in h]
     train = [h["reward/combined"] for h in history if "reward/combined" in h and not math.isnan(h["reward/combined"])]
     return {"run_dir": str(paths.run_dir), "mlflow_run_id": tracker.run_id, "mlflow_uri": redact_uri(tracker.uri),
-            "eval_rewards": evals, "train_rewards": train, "iterations": len(train),
+            "eval_rewards": evals, "eval_held_out_rewards": held, "train_rewards": train, "iterations": len(train),
             "iter_s": [h["perf/iter_s"] for h in history if "perf/iter_s" in h]}

@@ -3,7 +3,8 @@
 Implements (DESIGN.md §1):
 
 * per-prompt normalisation of leaf rewards, A = (r - mean_p) / (std_p + eps), population std over
-  every leaf of prompt p (all of that prompt's trees), optionally clipped to +-clip;
+  every leaf of prompt p (all of that prompt's trees), optionally clipped to +-clip; or, as an
+  option (`std="batch"`/`"none"`), centred per prompt but scaled by one batch-wide std or not at all;
 * value propagation on a node forest: a leaf node keeps its normalised reward, an inner node's
   value is the weighted mean of its children's values, and the edge u -> c gets advantage V(c).
   Weights are "uniform" (the authors' released code) or "softmax" over the children of
@@ -28,9 +29,22 @@ import math
 import torch
 
 
+STD_MODES = ("prompt", "batch", "none")
+
 def normalize_per_prompt(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: float = 1e-4,
-                         clip: float | None = None) -> torch.Tensor:
-    """(r - mean) / (std + eps) per prompt, population std; rewards, prompt_ids (L,) -> (L,) float32."""
+                         clip: float | None = None, std: str = "prompt") -> torch.Tensor:
+    """Centre rewards per prompt and scale them; rewards, prompt_ids (L,) -> (L,) float32.
+
+    std="prompt": (r - mean_p) / (std_p + eps), population std of the prompt's own leaves (GRPO,
+        TreeGRPO, Flow-GRPO). A prompt whose leaves all score alike (std_p ~ 0) gets advantages
+        of size ~1 from differences that carry no information.
+    std="batch":  (r - mean_p) / (std_B + eps), std_B the population std of the centred rewards
+        over the whole batch: prompts keep their relative spread, so a group with no real
+        differences gets a small advantage (Dr. GRPO's objection to per-group std, Liu et al.
+        2025, arXiv 2503.20783, with a batch-level scale kept so the step size is reward-agnostic).
+    std="none":   r - mean_p.
+    Prompts with a single leaf get advantage 0.
+    """
     if rewards.dim() != 1 or prompt_ids.shape != rewards.shape:
         raise ValueError(f"rewards and prompt_ids must both be (L,), got {tuple(rewards.shape)} "
                          f"and {tuple(prompt_ids.shape)}")
@@ -38,6 +52,8 @@ def normalize_per_prompt(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: f
         raise ValueError(f"eps must be >= 0, got {eps}")
     if clip is not None and clip <= 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if std not in STD_MODES:
+        raise ValueError(f"std must be one of {STD_MODES}, got {std!r}")
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN/inf")
     r = rewards.double()
@@ -45,21 +61,25 @@ def normalize_per_prompt(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: f
     n_groups = int(group.max()) + 1 if group.numel() else 0
     count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(0, group, torch.ones_like(r))
     mean = torch.zeros_like(count).index_add_(0, group, r) / count        # (P,)
-    centred = r - mean[group]                                             # (L,)
-    var = torch.zeros_like(count).index_add_(0, group, centred ** 2) / count
-    scale = var.sqrt()[group] + eps                                       # (L,)
-    adv = torch.where((count[group] > 1) & (scale > 0), centred / torch.where(scale > 0, scale, 1.0),
-                      torch.zeros_like(r))
+    centred = torch.where(count[group] > 1, r - mean[group], torch.zeros_like(r))  # (L,)
+    if std == "prompt":
+        var = torch.zeros_like(count).index_add_(0, group, centred ** 2) / count
+        scale = var.sqrt()[group] + eps                                   # (L,)
+    elif std == "batch":
+        scale = (centred ** 2).mean().sqrt().expand_as(r) + eps           # (L,)
+    else:
+        scale = torch.ones_like(r)
+    adv = torch.where(scale > 0, centred / torch.where(scale > 0, scale, 1.0), torch.zeros_like(r))
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.float()
 
 
 def flat_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: float = 1e-4,
-                    clip: float | None = None) -> torch.Tensor:
+                    clip: float | None = None, std: str = "prompt") -> torch.Tensor:
     """Per-trajectory advantage of the flat GRPO baseline (Flow-GRPO / DanceGRPO): the per-prompt
     normalised reward of each trajectory. Identical to `normalize_per_prompt`, named for call sites."""
-    return normalize_per_prompt(rewards, prompt_ids, eps=eps, clip=clip)
+    return normalize_per_prompt(rewards, prompt_ids, eps=eps, clip=clip, std=std)
 
 
 def _check_forest(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str, log_probs, temperature) -> None:

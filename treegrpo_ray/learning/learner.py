@@ -30,10 +30,17 @@ class TrainingDiverged(RuntimeError):
 
 
 def decision_advantages(batch: TreeBatch, leaf_advantages: torch.Tensor, *, weighting: str = "uniform",
-                        temperature: float = 1.0) -> torch.Tensor:
+                        temperature: float = 1.0, baseline: str = "none") -> torch.Tensor:
     """Per-child advantages (N, K) from per-leaf advantages (L,): propagate leaf -> root, then
     read the value of each decision's children. Leaves whose reward was dropped (NaN) given
-    the neutral value 0 (they push neither way); their siblings still train."""
+    the neutral value 0 (they push neither way); their siblings still train.
+
+    baseline="none":   A(u -> c) = V(c), the paper's edge advantage.
+    baseline="parent": A(u -> c) = V(c) - V(u), each child against its siblings. V(u) was settled
+        by the decisions above u, so in V(c) it is noise for u's own choice; subtracting it keeps
+        the expected gradient (up to the factor (K-1)/K of a group mean that includes the child,
+        as in GRPO) and removes that noise. Only for decisions with K >= 2 children (trees).
+    """
     m = batch.parent.shape[0]
     leaf_values = torch.full((m,), float("nan"))
     leaf_values[batch.leaf_node] = leaf_advantages.float().cpu()
@@ -43,7 +50,15 @@ def decision_advantages(batch: TreeBatch, leaf_advantages: torch.Tensor, *, weig
     values = edge_advantages(batch.parent, leaf_values, weighting=weighting,
                              log_probs=batch.node_log_prob if weighting == "softmax" else None,
                              temperature=temperature)
-    return values[batch.child_node]  # (N, K)
+    adv = values[batch.child_node]  # (N, K)
+    if baseline == "parent":
+        if batch.child_node.shape[1] < 2:
+            raise ValueError("baseline='parent' needs decisions with K >= 2 children; a chain (flat/mix) "
+                             "would get advantage 0 everywhere")
+        adv = adv - values[batch.parent[batch.child_node[:, 0]]][:, None]
+    elif baseline != "none":
+        raise ValueError(f"baseline must be 'none' or 'parent', got {baseline!r}")
+    return adv
 
 
 class GRPOLearner:
@@ -51,7 +66,8 @@ class GRPOLearner:
     this worker's shard of decisions. `module` is the (possibly DDP-wrapped) trainable model."""
 
     def __init__(self, policy, *, module=None, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
-                 clip_eps: float = 0.2, weighting: str = "uniform", temperature: float = 1.0, kl_beta: float = 0.0,
+                 clip_eps: float = 0.2, weighting: str = "uniform", temperature: float = 1.0, baseline: str = "none",
+                 kl_beta: float = 0.0,
                  grad_clip: float = 1.0, minibatches: int = 1, epochs: int = 1, micro_batch: int = 0,
                  noise_level: float = 0.7, logprob_reduction: str = "mean", max_bad_updates: int = 3,
                  explode_factor: float = 100.0, rank: int = 0, world_size: int = 1, seed: int = 0):
@@ -59,6 +75,7 @@ class GRPOLearner:
         self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
         self.clip_eps, self.weighting, self.temperature, self.kl_beta = clip_eps, weighting, temperature, kl_beta
+        self.baseline = baseline
         self.grad_clip, self.minibatches, self.epochs, self.micro_batch = grad_clip, minibatches, epochs, micro_batch
         self.noise_level, self.reduction = noise_level, logprob_reduction
         self.max_bad_updates, self.explode_factor = max_bad_updates, explode_factor
@@ -68,7 +85,8 @@ class GRPOLearner:
 
     # -- one iteration -------------------------------------------------------------------------
     def update(self, batch: TreeBatch, leaf_advantages: torch.Tensor, iteration: int = 0) -> dict[str, float]:
-        adv = decision_advantages(batch, leaf_advantages, weighting=self.weighting, temperature=self.temperature)
+        adv = decision_advantages(batch, leaf_advantages, weighting=self.weighting, temperature=self.temperature,
+                                  baseline=self.baseline)
         n = batch.num_decisions
         if n % (self.world_size * self.minibatches):
             raise ValueError(f"{n} decisions do not split into {self.world_size} workers x {self.minibatches} "

@@ -63,8 +63,9 @@ def _stats(prefix: str, r: torch.Tensor) -> dict[str, float]:
 
 def combine_rewards(raw: dict[str, torch.Tensor], weights: dict[str, float], prompt_ids: torch.Tensor,
                     mode: str = "raw", eps: float = 1e-4,
-                    clip: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """raw: name -> (L,) rewards; weights: name -> float (same names); prompt_ids (L,) long.
+                    clip: float | None = None, std: str = "prompt") -> tuple[torch.Tensor, dict[str, float]]:
+    """raw: name -> (L,) rewards; weights: name -> float (same names); prompt_ids (L,) long;
+    std: how centred rewards are scaled (`algo.advantages.normalize_per_prompt`).
     Returns (advantages (L,) float32, metrics of python floats)."""
     _check(raw, weights, prompt_ids, mode)
     mask, metrics = finite_mask(raw)
@@ -78,9 +79,9 @@ def combine_rewards(raw: dict[str, torch.Tensor], weights: dict[str, float], pro
     if mode == "raw":
         combined = sum(float(weights[n]) * r for n, r in kept.items())      # (L',) float64
         metrics.update(_stats("reward/combined", combined))
-        a = normalize_per_prompt(combined, ids, eps=eps, clip=clip)
+        a = normalize_per_prompt(combined, ids, eps=eps, clip=clip, std=std)
     else:
-        a = sum(float(weights[n]) * normalize_per_prompt(r, ids, eps=eps, clip=None) for n, r in kept.items())
+        a = sum(float(weights[n]) * normalize_per_prompt(r, ids, eps=eps, clip=None, std=std) for n, r in kept.items())
         if clip is not None:
             if clip <= 0:
                 raise ValueError(f"clip must be > 0 or None, got {clip}")

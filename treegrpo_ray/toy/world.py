@@ -88,6 +88,19 @@ def parse_prompt(prompt: str) -> SceneSpec:
     return SceneSpec(ObjectSpec(slots["lc"], slots["ls"]), ObjectSpec(slots["rc"], slots["rs"]))
 
 
+DEMO_COUNT = 16
+
+
+def demo_prompts(count: int = DEMO_COUNT) -> list[str]:
+    """The embedded default's training prompts: a fixed random subset (seed 0, independent of a
+    run's seed) of the training split. RL on a CPU sees each of 16 prompts every few iterations,
+    so the reward it gains shows in minutes; over all 120 the same compute spreads too thin
+    (README, 'Status')."""
+    train, _ = split_prompts()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
+    return [train[i] for i in order[:count]]
+
+
 def split_prompts(seed: int = SPLIT_SEED, held_out: int = HELD_OUT_COUNT) -> tuple[list[str], list[str]]:
     """Deterministic (train, held_out) split of `all_prompts()`.
 
