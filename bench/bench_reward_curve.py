@@ -14,6 +14,7 @@ flat's final mean reward.
 
     PYTHONPATH=. python bench/bench_reward_curve.py --budget 150 --seeds 3 --jobs 2 --out bench/curve.jsonl
     PYTHONPATH=. python bench/bench_reward_curve.py --plot bench/curve.jsonl --png bench/reward_vs_time.png
+    PYTHONPATH=. python bench/bench_reward_curve.py --quick     # smoke, ~2 min: every code path, no figure worth quoting
 """
 from __future__ import annotations
 
@@ -80,9 +81,10 @@ def tail_mean(run: dict) -> float:
 
 def run_all(args) -> None:
     extra = args.override or []
+    settings = dict(list(SETTINGS.items())[1:2]) if args.quick else SETTINGS
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.jobs) as pool, open(args.out, "a") as out:
-        sweep = [(v, s, 0, args.budget, extra) for v in VARIANTS for s in SETTINGS]
+        sweep = [(v, s, 0, args.budget, extra) for v in VARIANTS for s in settings]
         runs = []
         for r in pool.imap_unordered(_job, sweep):
             runs.append(r)
@@ -173,7 +175,16 @@ def main() -> None:
     ap.add_argument("--override", nargs="*", help="extra key=value overrides for every run")
     ap.add_argument("--plot", default=None, help="a JSONL written by a previous run: plot it instead")
     ap.add_argument("--png", default="bench/reward_vs_time.png")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke: 20 s per run, one setting (lr 1e-4, 1 step), one seed, then plot")
     args = ap.parse_args()
+    if args.quick:
+        args.budget, args.seeds = 20.0, 1
+        args.out = args.out if args.out != "bench/curve.jsonl" else "bench/curve_quick.jsonl"
+        args.png = args.png if args.png != "bench/reward_vs_time.png" else "bench/reward_vs_time_quick.png"
+        open(args.out, "w").close()
+        run_all(args)
+        args.plot = args.out
     plot(args) if args.plot else run_all(args)
 
 
