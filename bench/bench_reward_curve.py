@@ -33,7 +33,8 @@ SETTINGS = {  # the sweep every variant gets: learning rate x optimizer steps pe
     "lr1e-4_mb1": ["learner.lr=1e-4", "learner.minibatches=1"],
     "lr1e-4_mb2": ["learner.lr=1e-4", "learner.minibatches=2"],
 }
-COMMON = ["mode=local", "eval_every=0", "tracking.progress=false"]
+# eval: the first 16 training prompts x 1 image at the fixed eval seed (what BENCHMARKS.md §2 recorded)
+COMMON = ["mode=local", "eval_every=0", "tracking.progress=false", "eval_images_per_prompt=1"]
 
 
 def train_for(variant: str, setting: str, seed: int, budget_s: float, extra: list[str]) -> dict:
@@ -41,7 +42,7 @@ def train_for(variant: str, setting: str, seed: int, budget_s: float, extra: lis
 
     from treegrpo_ray.builders import load_prompts
     from treegrpo_ray.config import load_config
-    from treegrpo_ray.driver import EVAL_SEED, advantages, gather, plan
+    from treegrpo_ray.driver import advantages, evaluate, gather, plan
     from treegrpo_ray.local_system import LocalSystem
 
     torch.set_num_threads(1)
@@ -51,8 +52,7 @@ def train_for(variant: str, setting: str, seed: int, budget_s: float, extra: lis
     prompts, eval_prompts = load_prompts(cfg, "train"), load_prompts(cfg, "eval")
 
     def eval_reward() -> float:
-        scores, _ = system.evaluate(eval_prompts, EVAL_SEED)
-        return float(sum(s.float().mean() for s in scores.values()) / len(scores))
+        return evaluate(cfg, system, eval_prompts, held_out=[])[0]["eval/reward"]
 
     points = [{"seconds": 0.0, "images": 0, "iteration": 0, "reward": eval_reward()}]
     clock, images, it = 0.0, 0, 0
