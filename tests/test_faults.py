@@ -10,7 +10,6 @@ life (models/prompts.py batches cache misses), which moves embeddings by ~1e-7 a
 Adam, the final weights by a few 1e-5. The metrics up to and including the faulty iteration are
 compared to 1e-4 relative, the final weights to 1e-4 absolute; counts and versions exactly."""
 import os
-import random
 import re
 import signal
 import subprocess
@@ -83,11 +82,12 @@ def uninterrupted(tiny_sd3_dir, tmp_path_factory):
 
 
 def assert_reproduces(summary, out, uninterrupted, through: int):
-    """Same metrics as the uninterrupted run up to iteration `through`, same final weights."""
+    """Exactly the uninterrupted run's metrics (iterations 0..through) and final weights."""
     metrics, weights = uninterrupted
     for key in COMPARED:
-        assert metric(summary, key)[:through + 1] == pytest.approx(metrics[key][:through + 1], rel=1e-4, abs=1e-6), key
-    assert max_diff(final_weights(out), weights) < 1e-4
+        assert metric(summary, key)[:through + 1] == metrics[key][:through + 1], key
+    got = final_weights(out)
+    assert got.keys() == weights.keys() and max_diff(got, weights) == 0.0
 
 
 # ----------------------------------------------------------------------------- process faults
@@ -185,9 +185,8 @@ def test_killed_sampler_reward_and_learner_processes_are_restarted_and_their_wor
     assert metric(summary, "staleness/max_lag") == [0.0] * ITERATIONS
     # one publish per update, in order, across the learner restart: consistent for samplers
     assert metric(summary, "weights/version") == [1.0, 2.0, 3.0, 4.0] and seen == [ITERATIONS]
-    # Metrics through iteration 2 match; later the restarted sampler's embedding noise (module
-    # docstring) can flip a JPEG size. Every update ran once: versions above, weights here.
-    assert_reproduces(summary, tmp_path, uninterrupted, through=kill_reward_at)
+    # Every update ran once (versions above) and on the same data: the whole run is the same bits.
+    assert_reproduces(summary, tmp_path, uninterrupted, through=ITERATIONS - 1)
 
 
 class FakeLearner:
@@ -239,11 +238,12 @@ def cli(tiny_sd3_dir, out, *extra) -> list[str]:
             *smoke_overrides(tiny_sd3_dir, out, "mode=local", *extra)]
 
 
-def test_job_killed_at_a_random_iteration_resumes_the_same_run_without_gaps_or_repeats(tiny_sd3_dir, tmp_path):
+@pytest.mark.parametrize("kill_at", [3, pytest.param(4, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow)])
+def test_job_killed_at_an_iteration_resumes_the_same_run_without_gaps_or_repeats(tiny_sd3_dir, tmp_path, kill_at):
     # 6 iterations, a checkpoint every 2: SIGKILL the job as iteration `kill_at` is reported
     # (>= 3, so checkpoint 2 exists; an odd kill_at leaves logged iterations past the newest
-    # checkpoint, an even one may land mid-save). Resubmit with resume=latest.
-    kill_at = random.Random().randint(3, 5)
+    # checkpoint, an even one may land mid-save). Resubmit with resume=latest. The default tier
+    # runs kill_at=3; the slow tier all three (they were drawn from an unseeded RNG before).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "",
            "OMP_NUM_THREADS": "1"}
     args = ("iterations=6", "checkpoint.every=2", "checkpoint.keep=3", "tracking.progress=true")

@@ -89,9 +89,21 @@ def test_prompt_encoding_is_cached(tiny_sd3_dir):
     with torch.no_grad():
         policy.velocity(x, sig, PROMPTS)
         policy.velocity(x, sig, PROMPTS[::-1])
-    # first call: the 2 distinct prompts in one batch, then the negative "" once; never again
-    assert seen == [["a red circle", "a blue square"], [""]]
+    # first call: each distinct prompt on its own, then the negative "" once; never again
+    assert seen == [["a red circle"], ["a blue square"], [""]]
     assert len(policy.prompts) == 3
+
+
+def test_prompt_embeddings_do_not_depend_on_which_prompts_were_missing_together(tiny_sd3_dir):
+    # A restarted actor meets its prompts in a different order and grouping than its first life
+    # (issue 17); its embeddings must be the same bits.
+    first, restarted = load(tiny_sd3_dir), load(tiny_sd3_dir)
+    many = ["a red circle", "a blue square", "a green triangle", "two cats", "a red circle"]
+    e1, p1 = first.prompts.encode(many)
+    restarted.prompts.encode(["two cats"])
+    restarted.prompts.encode(["a green triangle", "a blue square"])
+    e2, p2 = restarted.prompts.encode(many)
+    assert torch.equal(e1, e2) and torch.equal(p1, p2)
 
 
 def test_sigmas_match_the_scheduler_hand_computed(policy):

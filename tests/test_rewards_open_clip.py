@@ -51,6 +51,14 @@ def test_hps_module_prefixed_pt_matches_open_clip_forward(ckpts):
     assert scores[0] != scores[2]
 
 
+def test_text_features_do_not_depend_on_the_other_prompts_in_the_call(ckpts):
+    # a restarted reward actor scores a chunk whose prompt mix differs from its first life's
+    scorer = HPSv2Scorer(ckpts["pt"], model_config=TINY_CLIP_CFG)
+    alone = torch.stack([scorer.clip.text_features([p])[0] for p in PROMPTS])
+    fresh = HPSv2Scorer(ckpts["pt"], model_config=TINY_CLIP_CFG)
+    assert torch.equal(fresh.clip.text_features(PROMPTS[::-1]).flip(0), alone)
+
+
 def test_hps_loads_the_weights_not_a_random_init(ckpts):
     images = random_images(4)
     a = HPSv2Scorer(ckpts["pt"], model_config=TINY_CLIP_CFG)(images, PROMPTS)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -186,6 +186,7 @@ class OpenClipBundle:
     interpolation: str
     device: torch.device
     dtype: torch.dtype
+    _text_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -197,14 +198,15 @@ class OpenClipBundle:
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
-        """list of B prompts -> (B, D) unit-norm float32. Each distinct prompt is encoded once
-        (a tree's k^d leaves share one prompt)."""
-        unique = list(dict.fromkeys(prompts))
-        tokens = self.tokenizer(unique).to(self.device)                  # (U, context_length)
-        feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # (U, D)
-        position = {p: i for i, p in enumerate(unique)}
-        index = torch.tensor([position[p] for p in prompts], device=self.device)
-        return feats[index]                                               # (B, D)
+        """list of B prompts -> (B, D) unit-norm float32. Each distinct prompt is encoded once per
+        process and on its own (a batch of one), so its features do not depend on which other
+        prompts shared the call: a restarted reward actor scores exactly as its first life did
+        (see models/prompts.py)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._text_cache:
+                tokens = self.tokenizer([p]).to(self.device)                     # (1, context_length)
+                self._text_cache[p] = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0]  # (D,)
+        return torch.stack([self._text_cache[p] for p in prompts])             # (B, D)
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Per-pair cosine similarity, the diagonal of image_feats @ text_feats.T -> (B,) float32."""
