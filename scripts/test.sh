@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # The test command from the README: install the project with its test extra, run the suite.
-# Long soak/benchmark tests are marked `slow` and deselected here (run them with `-m slow`).
+#   bash scripts/test.sh               default tier: pytest -m "not slow and not integration"
+#   bash scripts/test.sh integration   integration tier: real services (loopback S3 server,
+#                                      ray start --head + ray job submit from a fresh folder)
+# Long soak/benchmark tests are marked `slow` and run with `pytest -m slow`. Extra arguments
+# after the tier go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
-python -m pytest -q -m "not slow" "$@"
+if [[ "${1:-}" == "integration" ]]; then
+    shift
+    python -m pytest -q -m "integration and not slow" "$@"
+else
+    python -m pytest -q -m "not slow and not integration" "$@"
+fi

@@ -135,3 +135,31 @@ def test_smoke_manifest_entrypoint_succeeds(emulated_head, tmp_path):
     tail = result.stdout[-4000:] + result.stderr[-3000:]
     assert result.returncode == 0, tail
     assert "succeeded" in result.stdout, tail
+
+
+@pytest.mark.integration
+def test_ray_job_submit_from_a_fresh_folder_keeps_outputs_and_resumes(emulated_head, tiny_sd3_dir, tmp_path):
+    # The README's cluster command as a user types it: from their own folder, `--working-dir .`,
+    # default (relative) tracking.output_dir. The job's cwd is Ray's temporary copy of the folder,
+    # so outputs go to ~/treegrpo_ray/outputs on the head (HOME is the test's), said in the log.
+    from tests.test_outputs import assert_outputs_in, fresh_project, steps_of
+    port, env = emulated_head
+    proj = fresh_project(tmp_path)
+    out = Path(env["HOME"]) / "treegrpo_ray" / "outputs"
+
+    def job(*extra):
+        cmd = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", ".", "--",
+               "python", "-m", "treegrpo_ray.run", "--config", "smoke.yaml", f"model.pretrained={tiny_sd3_dir}",
+               "prompts=prompts.txt", "rewards.terms.0.name=jpeg_compressibility", "tracking.run_name=r", *extra]
+        result = subprocess.run(cmd, env=env, cwd=proj, capture_output=True, text=True, timeout=540)
+        assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout[-4000:] + result.stderr[-3000:]
+        return result.stdout
+
+    first = job()
+    assert f"under ray job submit; outputs go to {out} on the head node" in first
+    run_id = assert_outputs_in(proj, out, first, iterations=2, extra=["ray_train"])
+    resumed = job("iterations=3", "checkpoint.resume=latest")
+    assert f"resuming at iteration 2 from {out / 'r' / 'checkpoints' / 'iter_000002'}" in resumed
+    assert assert_outputs_in(proj, out, resumed, iterations=3, extra=["ray_train"]) == run_id
+    assert steps_of(f"sqlite:///{out / 'mlflow.db'}")[1] == [1, 2, 3]
+    shutil.rmtree(out.parent, ignore_errors=True)

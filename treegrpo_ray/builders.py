@@ -64,7 +64,8 @@ def build_sampler(cfg: Config, policy):
     from treegrpo_ray.sampling.tree_sampler import TreeSampler
     t = cfg.tree
     return TreeSampler(policy, variant=t.variant, num_steps=t.num_steps, k=t.k, depth=t.depth,
-                       noise_level=t.noise_level, group_size=t.leaves_per_tree, train_fraction=t.train_fraction,
+                       noise_level=t.noise_level, group_size=t.leaves_per_tree, trees_per_prompt=t.trees_per_prompt,
+                       train_fraction=t.train_fraction,
                        share_initial_noise=t.share_initial_noise, logprob_reduction=t.logprob_reduction,
                        max_batch=t.max_batch or None)
 

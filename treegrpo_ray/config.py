@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from treegrpo_ray import storage
 from treegrpo_ray.config_parse import ConfigError, _build, _merge, _parse_scalar, _set_dotted
 
 
@@ -134,7 +136,9 @@ class TrackingConfig:
     mlflow_uri: str = doc("", "MLflow tracking URI; '' = $MLFLOW_TRACKING_URI or sqlite in output_dir")
     experiment: str = doc("treegrpo", "MLflow experiment name")
     run_name: str = doc("", "MLflow run name; '' = generated")
-    output_dir: str = doc("outputs", "root of run outputs (checkpoints, samples, exported weights)")
+    output_dir: str = doc("outputs", "root of run outputs (checkpoints, export, config.json, MLflow db): a path "
+                          "(relative: to the cwd; under `ray job submit`: to ~/treegrpo_ray) or a URI such as "
+                          "s3://bucket/prefix (needs tracking.mlflow_uri)")
     sample_grid_every: int = doc(10, "log a sample grid image every N iterations; 0 = never")
     progress: bool = doc(True, "print one progress line per iteration")
 
@@ -143,7 +147,8 @@ class TrackingConfig:
 class CheckpointConfig:
     every: int = doc(10, "save a checkpoint every N iterations; 0 = only at the end")
     keep: int = doc(2, "checkpoints kept on disk (older ones are deleted after a newer one is complete)")
-    resume: str = doc("", "'' = fresh run | 'latest' = newest complete checkpoint in output dir | a checkpoint dir")
+    resume: str = doc("", "'' = fresh run | 'latest' = newest complete checkpoint (error if none) | 'auto' = "
+                      "latest if there is one, else fresh (for preemptible jobs) | a checkpoint dir")
 
 
 @dataclass(frozen=True)
@@ -261,15 +266,40 @@ def validate(cfg: Config) -> Config:
     _check(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every", "eval_every >= 0 and eval_prompts >= 1",
            "use e.g. eval_every=5 eval_prompts=16")
     _check(cfg.prompts.strip() != "", "prompts", "is empty", "use 'miniature' or a prompt file path")
+    _validate_outputs(cfg)
     _check(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.keep",
            "checkpoint.every must be >= 0 and checkpoint.keep >= 1", "e.g. every=10 keep=2")
     return cfg
 
 
+def _validate_outputs(cfg: Config) -> None:
+    out = cfg.tracking.output_dir
+    _check(out.strip() != "", "tracking.output_dir", "is empty", "use e.g. outputs, /mnt/shared/outputs or s3://bucket/outputs")
+    problem = storage.check_location(out)
+    _check(problem is None, "tracking.output_dir", f"{out!r} {problem}", "use a local/NFS path or e.g. s3://bucket/prefix")
+    _check(not storage.is_uri(out) or out.startswith("file://") or bool(cfg.tracking.mlflow_uri)
+           or bool(os.environ.get("MLFLOW_TRACKING_URI")), "tracking.mlflow_uri",
+           f"output_dir {out.split('?')[0]} is an object store, where the default MLflow store (a sqlite file beside "
+           "the outputs) cannot live", "set tracking.mlflow_uri to a tracking server (http://...) or a local "
+           "sqlite:////abs/path/mlflow.db, or set $MLFLOW_TRACKING_URI")
+
+
+def groups_per_iteration(cfg: Config) -> int:
+    """Trees (tree) or GRPO groups (flat/mix) one iteration grows: the batch arithmetic's root.
+    Every count below, the samplers' chunking (actors/ray_system) and the expected NFE (driver)
+    derive from it, and builders.build_sampler passes the same trees_per_prompt to the sampler."""
+    return cfg.prompts_per_iteration * cfg.tree.trees_per_prompt
+
+
+def leaves_per_iteration(cfg: Config) -> int:
+    """Images one iteration generates and scores."""
+    return groups_per_iteration(cfg) * cfg.tree.leaves_per_tree
+
+
 def decisions_per_iteration(cfg: Config) -> int:
     """Training decisions one iteration produces (what the learner splits over workers)."""
     t = cfg.tree
-    groups = cfg.prompts_per_iteration * t.trees_per_prompt
+    groups = groups_per_iteration(cfg)
     if t.variant == "tree":
         return groups * (t.k ** t.depth - 1) // (t.k - 1)
     per_traj = max(1, round(t.train_fraction * t.num_steps)) if t.variant == "flat" else t.depth

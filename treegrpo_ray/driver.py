@@ -18,19 +18,19 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from treegrpo_ray import builders
+from treegrpo_ray import builders, storage
 from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
-from treegrpo_ray.checkpoint import latest_checkpoint, load_checkpoint
-from treegrpo_ray.config import Config, ConfigError, flatten, to_dict
+from treegrpo_ray.checkpoint import STATE_FILE, latest_checkpoint, read_run_state
+from treegrpo_ray.config import Config, ConfigError, flatten, groups_per_iteration, to_dict
 from treegrpo_ray.rewards.combine import combine_rewards
 from treegrpo_ray.system import Collected, SampleRequest, concat_rewards
-from treegrpo_ray.tracking import Tracker, tracking_uri
+from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
 from treegrpo_ray.types import merge_batches
 
 EVAL_SEED = 1234
@@ -38,9 +38,10 @@ EVAL_SEED = 1234
 
 @dataclass
 class RunPaths:
-    run_dir: Path
-    checkpoints: Path
-    resume_from: Path | None
+    """Locations: absolute paths or URIs (treegrpo_ray.storage)."""
+    run_dir: str
+    checkpoints: str
+    resume_from: str | None
     run_state: dict
 
 
@@ -63,7 +64,7 @@ def plan(cfg: Config, prompts: list[str], iteration: int) -> list[SampleRequest]
 
 
 def expected_nfe(cfg: Config, window: int) -> int:
-    t, groups = cfg.tree, cfg.prompts_per_iteration * cfg.tree.trees_per_prompt
+    t, groups = cfg.tree, groups_per_iteration(cfg)
     if t.variant == "tree":
         return groups * count_nfe(t.num_steps, t.k, t.depth, window)
     return groups * count_nfe_flat(t.num_steps, t.leaves_per_tree)
@@ -132,11 +133,20 @@ def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]) -> tu
 
 # ----------------------------------------------------------------------------- run setup
 
-def redact_uri(uri: str) -> str:
-    """scheme://user:secret@host/... -> scheme://***@host/... for anything printed or returned."""
+def redact_uri(uri: str | None) -> str | None:
+    """scheme://user:secret@host/...?secret_key=s -> scheme://***@host/...?secret_key=*** for anything
+    printed or returned."""
+    if not uri:
+        return uri
+    uri, q, query = str(uri).partition("?")
+    if q:
+        query = "&".join(f"{k}=***" if any(w in k.lower() for w in ("secret", "key", "token", "password", "session"))
+                         else f"{k}{e}{v}" for k, e, v in (p.partition("=") for p in query.split("&")))
     head, sep, rest = uri.partition("://")
     host, slash, path = rest.partition("/")
-    return f"{head}://***@{host.rsplit('@', 1)[1]}{slash}{path}" if sep and "@" in host else uri
+    if sep and "@" in host:
+        uri = f"{head}://***@{host.rsplit('@', 1)[1]}{slash}{path}"
+    return uri + q + query
 
 
 def redacted_config(cfg: Config) -> dict:
@@ -160,28 +170,42 @@ def logged_through(tracker) -> int:
 
 
 def resolve_paths(cfg: Config) -> RunPaths:
-    root = Path(cfg.tracking.output_dir)
-    resume = cfg.checkpoint.resume
-    if resume and resume != "latest":
-        ckpt = Path(resume)
-        if not ckpt.is_dir():
-            raise ConfigError(f"checkpoint.resume: {resume!r} is not a checkpoint directory; use 'latest' or a path "
-                              "like outputs/<run>/checkpoints/iter_000010")
-        _, _, state = load_checkpoint(ckpt)  # validates completeness before anything starts
-        run_dir = ckpt.parent.parent
-        return RunPaths(run_dir, ckpt.parent, ckpt, state)
-    name = cfg.tracking.run_name
-    if resume == "latest":
-        candidates = [root / name] if name else sorted(root.glob("*/checkpoints"), key=lambda p: p.stat().st_mtime)
-        candidates = [c if c.name != "checkpoints" else c.parent for c in candidates]
-        for run_dir in reversed(candidates):
-            ckpt = latest_checkpoint(run_dir / "checkpoints")
-            if ckpt is not None:
-                return RunPaths(run_dir, run_dir / "checkpoints", ckpt, load_checkpoint(ckpt)[2])
+    """The run directory (under the already-resolved output_dir) and the checkpoint to resume
+    from. resume='latest' must find one; 'auto' resumes if there is one and starts fresh if not."""
+    root, resume, name = cfg.tracking.output_dir, cfg.checkpoint.resume, cfg.tracking.run_name
+    if resume and resume not in ("latest", "auto"):
+        ckpt = storage.resolve_output_dir(resume) if not storage.is_uri(resume) else resume
+        try:
+            state = read_run_state(ckpt)  # validates completeness before anything starts
+        except FileNotFoundError:
+            raise ConfigError(f"checkpoint.resume: {redact_uri(ckpt)} is not a checkpoint directory, or an incomplete "
+                              "one (it needs model.safetensors and run_state.json); use 'latest', 'auto' or a path "
+                              "like outputs/<run>/checkpoints/iter_000010") from None
+        checkpoints = storage.parent(ckpt)
+        return RunPaths(storage.parent(checkpoints), checkpoints, ckpt, state)
+    if resume:
+        run_dirs = [storage.join(root, name)] if name else storage.list_dirs(root)
+        found = [c for c in (latest_checkpoint(storage.join(d, "checkpoints")) for d in run_dirs) if c is not None]
+        if found:  # the newest run's newest checkpoint
+            ckpt = max(found, key=lambda c: storage.mtime(storage.join(str(c), STATE_FILE)))
+            checkpoints = storage.parent(str(ckpt))
+            return RunPaths(storage.parent(checkpoints), checkpoints, str(ckpt), read_run_state(ckpt))
+        if resume == "latest":
+            where = storage.join(root, name, "checkpoints") if name else storage.join(root, "*", "checkpoints")
+            raise ConfigError(f"checkpoint.resume=latest: no complete checkpoint under {redact_uri(where)}, so there "
+                              "is nothing to resume (a fresh run would silently start over). Check tracking.output_dir "
+                              "and tracking.run_name, or use checkpoint.resume=auto to resume when a checkpoint "
+                              "exists and start fresh otherwise")
     if not name:
         name = f"{cfg.tree.variant}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-    run_dir = root / name
-    return RunPaths(run_dir, run_dir / "checkpoints", None, {})
+    run_dir = storage.join(root, name)
+    return RunPaths(run_dir, storage.join(run_dir, "checkpoints"), None, {})
+
+
+def resolve_output(cfg: Config) -> Config:
+    """cfg with tracking.output_dir made absolute (or a URI), what every actor receives."""
+    root = storage.resolve_output_dir(cfg.tracking.output_dir)
+    return replace(cfg, tracking=replace(cfg.tracking, output_dir=root))
 
 
 def build_system(cfg: Config, resume_from):
@@ -197,16 +221,22 @@ def build_system(cfg: Config, resume_from):
 def run(cfg: Config, *, out=sys.stdout) -> dict:
     """Train; return a summary (first/last rewards, run dir, MLflow run id)."""
     builders.preflight(cfg)
+    cfg = resolve_output(cfg)
     paths = resolve_paths(cfg)
-    paths.run_dir.mkdir(parents=True, exist_ok=True)
-    (paths.run_dir / "config.json").write_text(json.dumps(redacted_config(cfg), indent=2))
-    tracker = Tracker(tracking_uri(cfg.tracking.mlflow_uri, Path(cfg.tracking.output_dir)), cfg.tracking.experiment,
-                      paths.run_dir.name, run_id=paths.run_state.get("mlflow_run_id"))
+    uri = tracking_uri(cfg.tracking.mlflow_uri, cfg.tracking.output_dir)
+    storage.write_text(storage.join(paths.run_dir, "config.json"), json.dumps(redacted_config(cfg), indent=2))
+    tracker = Tracker(uri, cfg.tracking.experiment, storage.name(paths.run_dir),
+                      run_id=paths.run_state.get("mlflow_run_id"), artifact_location=artifact_location(uri))
     tracker.log_params(flatten(cfg))
     start = int(paths.run_state.get("next_iteration", 0))
     logged = logged_through(tracker) if start else 0
-    print(f"treegrpo_ray: run dir {paths.run_dir} | MLflow {redact_uri(tracker.uri)} run {tracker.run_id} | "
-          f"{'resuming at iteration ' + str(start) if start else 'fresh run'} | mode {cfg.mode}", file=out, flush=True)
+    print(f"treegrpo_ray: run dir {redact_uri(paths.run_dir)} | MLflow {redact_uri(tracker.uri)} run {tracker.run_id} | "
+          f"{'resuming at iteration ' + str(start) + ' from ' + redact_uri(paths.resume_from) if start else 'fresh run'}"
+          f" | mode {cfg.mode}", file=out, flush=True)
+    if storage.under_ray_job() and not storage.is_uri(cfg.tracking.output_dir):
+        print(f"treegrpo_ray: under ray job submit; outputs go to {cfg.tracking.output_dir} on the head node "
+              "(a relative tracking.output_dir resolves against ~/treegrpo_ray, not the job's temporary working dir)",
+              file=out, flush=True)
     train_prompts, eval_prompts = builders.load_prompts(cfg, "train"), builders.load_prompts(cfg, "eval")
     held_out = builders.load_prompts(cfg, "held_out")
     system = build_system(cfg, paths.resume_from)
@@ -236,13 +266,14 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.iterations:
                 system.save(paths.checkpoints, step, {"next_iteration": step, "mlflow_run_id": tracker.run_id,
                                                       "seed": cfg.seed, "version": system.version}, cfg.checkpoint.keep)
-        export_dir = system.export(paths.run_dir / "export")
-        tracker.log_artifacts(export_dir, "final_model")
+        export_dir = system.export(storage.join(paths.run_dir, "export"))
+        with storage.local_copy(export_dir) as local:
+            tracker.log_artifacts(local, "final_model")
         status = "FINISHED"
     finally:
         system.close()
         tracker.end(status)
-    return summarize(history, paths, tracker)
+    return summarize(history, paths, tracker, export_dir)
 
 
 def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
@@ -272,10 +303,37 @@ def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
     return nxt, m
 
 
-def summarize(history: list[dict], paths: RunPaths, tracker) -> dict:
+def result_lines(cfg: Config, summary: dict) -> list[str]:
+    """What the user needs at the end: where the model is, how plain diffusers loads it, MLflow."""
+    export, base = summary["export_dir"], builders.pipeline_path(cfg)
+    if not storage.is_uri(base) and Path(base).exists():
+        base = str(Path(base).resolve())
+    lines = []
+    src = export
+    if storage.is_uri(export):
+        src = "./export"
+        lines.append(f"trained model: {export}  (copy it locally first, e.g. `aws s3 cp --recursive "
+                     f"{export.split('?')[0]} ./export`)")
+    else:
+        lines.append(f"trained model: {export}")
+    if cfg.model.lora_rank > 0:
+        lines.append(f'load it: from diffusers import DiffusionPipeline; pipe = DiffusionPipeline.from_pretrained("{base}"); '
+                     f'pipe.load_lora_weights("{src}")')
+    else:
+        lines.append(f'load it: from diffusers import DiffusionPipeline, SD3Transformer2DModel; pipe = DiffusionPipeline.'
+                     f'from_pretrained("{base}", transformer=SD3Transformer2DModel.from_pretrained("{src}", '
+                     'subfolder="transformer"))')
+    lines.append(f"checkpoints: {summary['run_dir'].split('?')[0].rstrip('/')}/checkpoints"
+                 f" (resume: checkpoint.resume=latest tracking.run_name={storage.name(summary['run_dir'])})")
+    lines.append(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (run {summary['mlflow_run_id']})")
+    return lines
+
+
+def summarize(history: list[dict], paths: RunPaths, tracker, export_dir: str) -> dict:
     evals = [h["eval/reward"] for h in history if "eval/reward" in h]
     held = [h["eval_held_out/reward"] for h in history if "eval_held_out/reward" in h]
     train = [h["reward/combined"] for h in history if "reward/combined" in h and not math.isnan(h["reward/combined"])]
-    return {"run_dir": str(paths.run_dir), "mlflow_run_id": tracker.run_id, "mlflow_uri": redact_uri(tracker.uri),
+    return {"run_dir": redact_uri(paths.run_dir), "export_dir": redact_uri(export_dir),
+            "mlflow_run_id": tracker.run_id, "mlflow_uri": redact_uri(tracker.uri),
             "eval_rewards": evals, "eval_held_out_rewards": held, "train_rewards": train, "iterations": len(train),
             "iter_s": [h["perf/iter_s"] for h in history if "perf/iter_s" in h]}

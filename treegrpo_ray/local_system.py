@@ -10,7 +10,7 @@ import time
 import torch
 
 from treegrpo_ray import builders
-from treegrpo_ray.checkpoint import load_checkpoint, save_checkpoint
+from treegrpo_ray.checkpoint import export, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import Config
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import Collected, SampleRequest, split_leaves
@@ -69,7 +69,7 @@ class LocalSystem:
                                optimizer_state=self.learner.state(), run_state=run_state, keep=keep)
 
     def export(self, out_dir) -> str:
-        return str(self.policy.export(out_dir))
+        return export(self.policy, out_dir)
 
     def close(self) -> None:
         pass

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
-        from treegrpo_ray.driver import run
+        from treegrpo_ray.driver import result_lines, run
         summary = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     first = summary["eval_rewards"][0] if summary["eval_rewards"] else float("nan")
     last = summary["eval_rewards"][-1] if summary["eval_rewards"] else float("nan")
     print(f"done: eval reward {first:.3f} -> {last:.3f} over {summary['iterations']} iterations | "
-          f"outputs in {summary['run_dir']} | MLflow run {summary['mlflow_run_id']} at {summary['mlflow_uri']}")
+          f"outputs in {summary['run_dir']}")
+    for line in result_lines(cfg, summary):
+        print(line)
     if args.summary_json:
         with open(args.summary_json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -1,8 +1,12 @@
 """MLflow tracking, used by the driver only (components return metrics, the driver logs them).
 
 Default store: `sqlite:///<output_dir>/mlflow.db` (MLflow 3's default backend, kept beside the
-run outputs); `tracking.mlflow_uri` or $MLFLOW_TRACKING_URI override it. Resume re-opens the
-same MLflow run by id, so step numbers continue."""
+run outputs); `tracking.mlflow_uri` or $MLFLOW_TRACKING_URI override it. With a file-based store
+(sqlite or a directory) the experiment's artifacts (sample grids, the final model) go beside the
+store, in `<store dir>/mlartifacts`, not MLflow's default `./mlruns` in whatever directory the
+process happens to run in (under `ray job submit`, a temporary copy Ray deletes). A tracking
+server decides its own artifact store. Resume re-opens the same MLflow run by id, so step numbers
+continue."""
 from __future__ import annotations
 
 import os
@@ -12,19 +16,35 @@ import numpy as np
 import torch
 
 
-def tracking_uri(configured: str, output_dir: Path) -> str:
+def tracking_uri(configured: str, output_dir: str) -> str:
+    """The MLflow store; output_dir is already absolute (or a URI, which config validation only
+    allows together with an explicit store: sqlite cannot live on an object store)."""
+    output_dir = str(output_dir)
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+    if "://" in output_dir:
+        raise ValueError(f"no MLflow store for a URI output_dir {output_dir}: set tracking.mlflow_uri")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a file-based store, else the server's choice."""
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts")
+    if uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file://"):] if uri.startswith("file://") else uri.removeprefix("file:")
+        return str(Path(path).resolve() / "mlartifacts")
+    return None
 
 
 class Tracker:
     """Thin wrapper so the driver reads `tracker.log(metrics, step)`; all MLflow calls live here."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None):
+    def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
+                 artifact_location: str | None = None):
         import mlflow
         self.mlflow = mlflow
         before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -35,6 +55,8 @@ class Tracker:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
+        if artifact_location and mlflow.MlflowClient(uri).get_experiment_by_name(experiment) is None:
+            mlflow.create_experiment(experiment, artifact_location=Path(artifact_location).as_uri())
         mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name or None)
         self.run_id, self.uri = self.run.info.run_id, uri

@@ -17,12 +17,13 @@ import ray
 import torch
 from ray.util.queue import Empty, Queue
 
+from treegrpo_ray import storage
 from treegrpo_ray.actors.dispatch import collect_iteration
 from treegrpo_ray.actors.reward_actor import RewardActor
 from treegrpo_ray.actors.sampler_actor import SamplerActor
 from treegrpo_ray.actors.train_loop import learner_loop
 from treegrpo_ray.actors.weight_store import WeightStore
-from treegrpo_ray.config import Config, ConfigError, ResourcesConfig, to_dict
+from treegrpo_ray.config import Config, ConfigError, ResourcesConfig, leaves_per_iteration, to_dict
 from treegrpo_ray.system import Collected, SampleRequest
 
 REPLY_TIMEOUT_S = float(os.environ.get("TREEGRPO_REPLY_TIMEOUT_S", "1800"))
@@ -94,7 +95,7 @@ class RaySystem:
         check_placeable(cfg)
         cfg_dict, p = to_dict(cfg), cfg.pools
         self.store = WeightStore.remote()
-        per_sampler = cfg.prompts_per_iteration // p.samplers * cfg.tree.trees_per_prompt * cfg.tree.leaves_per_tree
+        per_sampler = leaves_per_iteration(cfg) // p.samplers
         self.chunks = max(1, math.ceil(per_sampler / p.reward_chunk)) if p.reward_chunk else 1
         sopts = actor_options(p.sampler, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
         ropts = actor_options(p.reward, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
@@ -117,20 +118,28 @@ class RaySystem:
         res = {"CPU": lr.resources.num_cpus, **lr.resources.resources}
         if lr.resources.num_gpus:
             res["GPU"] = lr.resources.num_gpus
-        storage = os.path.abspath(os.path.join(self.cfg.tracking.output_dir, "ray_train"))
+        # the driver resolved output_dir to an absolute path or URI (storage.resolve_output_dir);
+        # Ray Train keeps its (pointer-sized) checkpoints beside the run's, through the same pyarrow fs
+        train_fs, train_path = storage.filesystem(storage.join(self.cfg.tracking.output_dir, "ray_train"))
+        probe = storage.write_probe(self.cfg.tracking.output_dir) if storage.is_local(self.cfg.tracking.output_dir) else None
         self.trainer = TorchTrainer(
             learner_loop,
             train_loop_config={"cfg": cfg_dict, "inboxes": self.inboxes, "outbox": self.outbox, "store": self.store,
-                               "resume_from": str(resume_from) if resume_from else None},
+                               "resume_from": str(resume_from) if resume_from else None, "probe": probe},
             scaling_config=ScalingConfig(num_workers=lr.workers, use_gpu=lr.resources.num_gpus > 0,
                                          resources_per_worker=res),
-            run_config=RunConfig(storage_path=storage, name=f"learner-{os.getpid()}-{int(time.time())}",
+            run_config=RunConfig(storage_path=train_path, storage_filesystem=train_fs, name=f"learner-{os.getpid()}-{int(time.time())}",
                                  failure_config=FailureConfig(max_failures=max(self.cfg.pools.max_restarts, 0))))
         self.fit_error: BaseException | None = None
         self.fit_thread = threading.Thread(target=self._fit, daemon=True)
         self.fit_thread.start()
         ready = self._reply("ready")
         self.version, self.learner_pid = ready["version"], ready["pid"]
+        if probe is not None:
+            storage.delete_file(probe)
+        if not ready.get("sees_outputs", True):
+            self.close()
+            raise RuntimeError(storage.unshared_storage_error(self.cfg.tracking.output_dir, ready.get("host", "?")))
 
     def _fit(self) -> None:
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -32,9 +33,9 @@ import ray.train
 import ray.train.torch
 import torch
 
-from treegrpo_ray import builders
+from treegrpo_ray import builders, storage
 from treegrpo_ray.actors.weight_store import pack_state
-from treegrpo_ray.checkpoint import load_checkpoint, save_checkpoint
+from treegrpo_ray.checkpoint import export, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import from_dict
 from treegrpo_ray.learning.learner import TrainingDiverged
 
@@ -98,7 +99,9 @@ def learner_loop(config: dict) -> None:
     if rank == 0:
         if learner.version >= ray.get(store.current_version.remote()):
             ray.get(store.publish.remote(learner.version, pack_state(policy.state_for_broadcast())))
-        outbox.put({"kind": "ready", "version": learner.version, "pid": os.getpid()})
+        probe = config.get("probe")
+        outbox.put({"kind": "ready", "version": learner.version, "pid": os.getpid(), "host": socket.gethostname(),
+                    "sees_outputs": probe is None or storage.exists(probe)})
     done = 0  # highest seq run by this worker: a command re-sent after a restart runs once
     while True:
         cmd = inbox.get()
@@ -127,7 +130,7 @@ def _run(cmd: dict, rank: int, policy, learner, store, outbox) -> None:
     elif kind == "save":
         _save(cmd, rank, policy, learner, outbox)
     elif kind == "export" and rank == 0:
-        outbox.put({"kind": "export", "seq": cmd["seq"], "path": str(policy.export(cmd["dir"]))})
+        outbox.put({"kind": "export", "seq": cmd["seq"], "path": export(policy, cmd["dir"])})
 
 
 def _save(cmd: dict, rank: int, policy, learner, outbox) -> None:
@@ -140,7 +143,7 @@ def _save(cmd: dict, rank: int, policy, learner, outbox) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            (Path(d) / "pointer.json").write_text(json.dumps({"path": str(Path(path).resolve())}))
+            (Path(d) / "pointer.json").write_text(json.dumps({"path": str(path)}))  # absolute path or URI
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report({"iteration": cmd["iteration"]}, checkpoint=checkpoint)
     if rank == 0:
