@@ -78,3 +78,16 @@ def test_two_samplers_one_reward_two_learner_workers(tiny_sd3_dir, tmp_path, ray
     assert [v for _, v in metric_steps(summary, "staleness/max_lag")] == [0.0, 0.0, 0.0]
     leaves = [v for _, v in metric_steps(summary, "tree/leaves")]
     assert leaves == [16.0, 16.0, 16.0]                    # 4 prompts x 2**2 leaves, none lost or doubled
+
+
+@pytest.mark.ray
+def test_an_output_dir_the_learner_cannot_see_stops_the_run_before_training(tiny_sd3_dir, tmp_path, ray_local,
+                                                                             monkeypatch):
+    # A node-local output_dir on a multi-node cluster: the driver's probe file is not there for
+    # the learner. Emulated by a probe the driver "wrote" where nothing is; the real learner looks.
+    from treegrpo_ray import storage
+    monkeypatch.setattr(storage, "write_probe", lambda root: storage.join(root, ".probe-on-another-node"))
+    with pytest.raises(RuntimeError, match=r"is not shared: the driver wrote a file there that the learner on node "
+                                           r"'.+' cannot see.*ReadWriteMany PVC.*s3://"):
+        run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", "iterations=1"))
+    assert list_checkpoints(tmp_path / "r" / "checkpoints") == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from treegrpo_ray.config import Config, ConfigError
+from treegrpo_ray.config import Config, ConfigError, bundled_file
 
 MINIATURE_DIR = Path(__file__).parent / "assets" / "miniature"
 MINIATURE_PROMPTS = ("miniature", "miniature-all")
@@ -39,7 +39,7 @@ def load_prompts(cfg: Config, split: str = "train") -> list[str]:
             return held_out
         prompts = demo_prompts() if cfg.prompts == "miniature" else train
     else:
-        path = Path(cfg.prompts)
+        path = Path(bundled_file(cfg.prompts))  # configs/prompts/... also from a plain install
         if not path.is_file():
             raise ConfigError(f"prompts: prompt file {str(path)!r} does not exist; give a text file with one prompt "
                               "per line, or 'miniature' / 'miniature-all'")

@@ -188,13 +188,40 @@ _CHOICES = {
 
 # ----------------------------------------------------------------------------- loading
 
+BUNDLED = Path(__file__).parent / "configs"  # the named configs, shipped in the package (`configs/` links here)
+
+
+def bundled_names() -> list[str]:
+    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
+
+
+def find_config(path: str | Path) -> Path:
+    """A YAML file by path, else by name among the shipped configs: `sd35m_hps`, `sd35m_hps.yaml`
+    and `configs/sd35m_hps.yaml` all find it from any directory, in an editable or a plain install."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if p.parent in (Path("."), Path("configs")) and (BUNDLED / f"{name}.yaml").is_file():
+        return BUNDLED / f"{name}.yaml"
+    raise ConfigError(f"--config: {str(path)!r} does not exist, as a YAML file or as the name of a shipped config; pass an "
+                      f"existing file or one of: {', '.join(bundled_names())}")
+
+
+def bundled_file(path: str) -> str:
+    """A relative `configs/...` data path (e.g. a config's prompt file) that is not in the cwd
+    resolves to the shipped copy; anything else is returned unchanged."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and p.parts[:1] == ("configs",) and (BUNDLED.joinpath(*p.parts[1:])).exists():
+        return str(BUNDLED.joinpath(*p.parts[1:]))
+    return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- dotted `key=value` overrides; then type-check and validate."""
     raw: dict = to_dict(Config())  # start from the defaults so list items can be overridden by index
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file (see configs/)")
+        p = find_config(path)
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -221,7 +221,7 @@ def build_system(cfg: Config, resume_from):
 def run(cfg: Config, *, out=sys.stdout) -> dict:
     """Train; return a summary (first/last rewards, run dir, MLflow run id)."""
     builders.preflight(cfg)
-    cfg = resolve_output(cfg)
+    given, cfg = cfg.tracking.output_dir, resolve_output(cfg)
     paths = resolve_paths(cfg)
     uri = tracking_uri(cfg.tracking.mlflow_uri, cfg.tracking.output_dir)
     storage.write_text(storage.join(paths.run_dir, "config.json"), json.dumps(redacted_config(cfg), indent=2))
@@ -233,16 +233,17 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     print(f"treegrpo_ray: run dir {redact_uri(paths.run_dir)} | MLflow {redact_uri(tracker.uri)} run {tracker.run_id} | "
           f"{'resuming at iteration ' + str(start) + ' from ' + redact_uri(paths.resume_from) if start else 'fresh run'}"
           f" | mode {cfg.mode}", file=out, flush=True)
-    if storage.under_ray_job() and not storage.is_uri(cfg.tracking.output_dir):
+    if storage.under_ray_job() and not storage.is_uri(given) and not Path(given).expanduser().is_absolute():
         print(f"treegrpo_ray: under ray job submit; outputs go to {cfg.tracking.output_dir} on the head node "
-              "(a relative tracking.output_dir resolves against ~/treegrpo_ray, not the job's temporary working dir)",
+              f"(a relative tracking.output_dir, here {given!r}, resolves against {storage.RAY_JOB_BASE}, not the "
+              "job's temporary working dir; on a multi-node cluster give a shared path or an s3:// URI)",
               file=out, flush=True)
     train_prompts, eval_prompts = builders.load_prompts(cfg, "train"), builders.load_prompts(cfg, "eval")
     held_out = builders.load_prompts(cfg, "held_out")
-    system = build_system(cfg, paths.resume_from)
     history: list[dict[str, float]] = []
-    status = "FAILED"
+    status, system = "FAILED", None
     try:
+        system = build_system(cfg, paths.resume_from)
         if start == 0 and cfg.eval_every:
             m, images = evaluate(cfg, system, eval_prompts, held_out)
             tracker.log(m, step=0)
@@ -271,7 +272,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             tracker.log_artifacts(local, "final_model")
         status = "FINISHED"
     finally:
-        system.close()
+        if system is not None:
+            system.close()
         tracker.end(status)
     return summarize(history, paths, tracker, export_dir)
 

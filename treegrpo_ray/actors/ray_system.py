@@ -18,6 +18,7 @@ import torch
 from ray.util.queue import Empty, Queue
 
 from treegrpo_ray import storage
+from treegrpo_ray.actors import local_ray
 from treegrpo_ray.actors.dispatch import collect_iteration
 from treegrpo_ray.actors.reward_actor import RewardActor
 from treegrpo_ray.actors.sampler_actor import SamplerActor
@@ -74,8 +75,13 @@ def connect(cfg: Config) -> bool:
     # gRPC servers listen on every interface whatever the node IP (Ray 2.60 resolves 127.0.0.1 to
     # the routable address); they are guarded by token auth, which Ray turns on for every new
     # local instance unless RAY_AUTH_MODE says otherwise (tests/test_security.py checks both).
+    reaped = local_ray.reap_orphans()  # what a SIGKILLed earlier run's instance left behind
+    if reaped:
+        print(f"treegrpo_ray: stopped {len(reaped)} processes a killed run's local Ray instance left running "
+              f"(pids {', '.join(map(str, reaped))})", flush=True)
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
              _node_ip_address="127.0.0.1", log_to_driver=True)
+    local_ray.record_session(ray._private.worker._global_node.get_session_dir_path())
     return True
 
 
