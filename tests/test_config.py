@@ -1,5 +1,7 @@
 """Config loading: defaults, YAML + overrides, and the errors promised for bad input."""
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from treegrpo_ray.config import Config, ConfigError, decisions_per_iteration, describe, flatten, load_config
 
@@ -36,55 +38,97 @@ def test_every_shipped_config_loads():
         load_config(f)
 
 
+# (overrides, the field the error must name first, what it must say)
 BAD = [
-    (["tree.kk=3"], "unknown config key 'tree.kk'"),
-    (["nonsense=1"], "unknown config key 'nonsense'"),
-    (["tree.k=1"], "tree.k: branching factor 1 < 2"),
-    (["tree.k=three"], "tree.k must be an integer"),
-    (["tree.k=2.5"], "tree.k must be an integer"),
-    (["tree.depth=0"], "tree.depth: window depth 0 < 1"),
-    (["tree.depth=11"], "does not fit in 10 steps"),
-    (["tree.max_window_start=8"], "tree.max_window_start: window starting at 8 runs past"),
-    (["tree.variant=beam"], "tree.variant: 'beam' is not one of tree, flat, mix"),
-    (["tree.window=zigzag"], "tree.window"),
-    (["tree.noise_level=-1"], "tree.noise_level"),
-    (["tree.train_fraction=0"], "tree.train_fraction"),
-    (["tree.share_initial_noise=maybe"], "must be true or false"),
-    (["learner.lr=0"], "learner.lr"),
-    (["learner.lr=abc"], "learner.lr must be a number"),
-    (["learner.clip_eps=-0.1"], "learner.clip_eps"),
-    (["learner.betas=[0.9]"], "learner.betas"),
-    (["learner.workers=5"], "do not split evenly into workers x minibatches = 5"),
-    (["learner.strategy=fsdp"], "fsdp needs GPUs"),
-    (["tree.variant=flat", "tree.group_size=27", "learner.edge_baseline=parent"], "compares siblings"),
-    (["learner.adv_std=group"], "learner.adv_std"),
-    (["rewards.terms.0.name=aesthetic"], "unknown reward 'aesthetic'"),
-    (["rewards.terms.0.weight=0"], "weights sum to 0.0"),
-    (["rewards.terms.0.weight=.nan"], "is not finite"),
-    (["rewards.terms.1.name=miniature"], "duplicate reward names"),
-    (["rewards.aggregate=max"], "rewards.aggregate"),
-    (["rewards.terms.0.name=clipscore"], "clipscore needs a local open_clip checkpoint"),
-    (["prompts_per_iteration=3", "pools.samplers=2"], "do not split evenly over 2 samplers"),
-    (["pools.samplers=0"], "each pool needs >= 1 actor"),
-    (["pools.reward.resources={reward_slot: 0}"], "pools.reward.resources.reward_slot"),
-    (["pools.sampler=4"], "pools.sampler must be a mapping"),
-    (["model.dtype=float8"], "model.dtype"),
-    (["model.kind=ddim"], "not supported by the policy loader yet"),
-    (["model.resolution=30"], "not a positive multiple of 8"),
-    (["model.device=cuda"], "request no GPU"),
-    (["iterations=0"], "iterations"),
-    (["max_staleness=-1"], "max_staleness"),
-    (["mode=cluster"], "mode: 'cluster' is not one of ray, local"),
-    (["prompts="], "prompts: is empty"),
-    (["tree.k"], "must look like key=value"),
+    (["tree.kk=3"], "tree.kk", "unknown config key 'tree.kk'"),
+    (["nonsense=1"], "nonsense", "unknown config key 'nonsense'"),
+    (["tree.k=1"], "tree.k", "branching factor 1 < 2"),
+    (["tree.k=three"], "tree.k", "must be an integer"),
+    (["tree.k=2.5"], "tree.k", "must be an integer"),
+    (["tree.depth=0"], "tree.depth", "window depth 0 < 1"),
+    (["tree.depth=11"], "tree.depth", "does not fit in 10 steps"),
+    (["tree.max_window_start=8"], "tree.max_window_start", "window starting at 8 runs past"),
+    (["tree.variant=beam"], "tree.variant", "'beam' is not one of tree, flat, mix"),
+    (["tree.window=zigzag"], "tree.window", "is not one of"),
+    (["tree.noise_level=-1"], "tree.noise_level", "must be finite and >= 0"),
+    (["tree.train_fraction=0"], "tree.train_fraction", "outside (0, 1]"),
+    (["tree.share_initial_noise=maybe"], "tree.share_initial_noise", "must be true or false"),
+    (["learner.lr=0"], "learner.lr", "must be a finite number > 0"),
+    (["learner.lr=abc"], "learner.lr", "must be a number"),
+    (["learner.clip_eps=-0.1"], "learner.clip_eps", "must be a finite number > 0"),
+    (["learner.betas=[0.9]"], "learner.betas", "is not two values in [0, 1)"),
+    (["learner.workers=5"], "learner.workers x learner.minibatches", "do not split evenly into workers x minibatches = 5"),
+    (["learner.workers=0"], "learner.workers", "must be >= 1"),
+    (["learner.epochs=0"], "learner.epochs", "must be >= 1"),
+    (["learner.max_bad_updates=0"], "learner.max_bad_updates", "must be >= 1"),
+    (["learner.micro_batch=-1"], "learner.micro_batch", "must be >= 0"),
+    (["learner.grad_clip=-1"], "learner.grad_clip", "must be a finite number >= 0"),
+    (["learner.weight_decay=-1"], "learner.weight_decay", "must be a finite number >= 0"),
+    (["learner.kl_beta=-1"], "learner.kl_beta", "must be a finite number >= 0"),
+    (["learner.strategy=fsdp"], "learner.strategy", "fsdp needs GPUs"),
+    (["tree.variant=flat", "tree.group_size=27", "learner.edge_baseline=parent"], "learner.edge_baseline",
+     "compares siblings"),
+    (["learner.adv_std=group"], "learner.adv_std", "is not one of"),
+    (["rewards.terms.0.name=aesthetic"], "rewards.terms.0.name", "unknown reward 'aesthetic'"),
+    (["rewards.terms.0.weight=0"], "rewards.terms.*.weight", "weights sum to 0.0"),
+    (["rewards.terms.0.weight=.nan"], "rewards.terms.0.weight", "is not finite"),
+    (["rewards.terms.1.name=miniature"], "rewards.terms", "duplicate reward names"),
+    (["rewards.aggregate=max"], "rewards.aggregate", "is not one of"),
+    (["rewards.terms.0.name=clipscore"], "rewards.terms.0.checkpoint", "clipscore needs a local open_clip checkpoint"),
+    (["prompts_per_iteration=3", "pools.samplers=2"], "prompts_per_iteration", "do not split evenly over 2 samplers"),
+    (["pools.samplers=0"], "pools.samplers", "each pool needs >= 1"),
+    (["pools.rewards=0"], "pools.rewards", "each pool needs >= 1"),
+    (["pools.max_task_retries=-2"], "pools.max_task_retries", "must be >= -1"),
+    (["pools.reward_chunk=-1"], "pools.reward_chunk", "must be >= 0"),
+    (["pools.reward.num_gpus=-1"], "pools.reward.num_gpus", "must be >= 0"),
+    (["pools.reward.resources={reward_slot: 0}"], "pools.reward.resources.reward_slot", "must be > 0"),
+    (["pools.sampler=4"], "pools.sampler", "must be a mapping"),
+    (["model.dtype=float8"], "model.dtype", "is not one of"),
+    (["model.kind=ddim"], "model.kind", "not supported by the policy loader yet"),
+    (["model.resolution=30"], "model.resolution", "not a positive multiple of 8"),
+    (["model.device=cuda"], "model.device", "request no GPU"),
+    (["iterations=0"], "iterations", "0 < 1"),
+    (["max_staleness=-1"], "max_staleness", "must be >= 0"),
+    (["eval_every=-1"], "eval_every", "must be >= 0"),
+    (["eval_prompts=0"], "eval_prompts", "must be >= 1"),
+    (["checkpoint.every=-1"], "checkpoint.every", "must be >= 0"),
+    (["checkpoint.keep=0"], "checkpoint.keep", "must be >= 1"),
+    (["mode=cluster"], "mode", "'cluster' is not one of ray, local"),
+    (["prompts="], "prompts", "is empty"),
+    (["tracking.output_dir=ftp://host/x"], "tracking.output_dir", "'ftp://' is not one pyarrow.fs can open"),
+    (["tracking.output_dir=s3://bucket/outputs"], "tracking.mlflow_uri", "cannot live"),
+    (["tree.k"], "override 'tree.k'", "must look like key=value"),
 ]
 
 
-@pytest.mark.parametrize("overrides,message", BAD, ids=[" ".join(o) for o, _ in BAD])
-def test_bad_config_names_field_and_fix(overrides, message):
+@pytest.mark.parametrize("overrides,field,message", BAD, ids=[" ".join(o) for o, _, _ in BAD])
+def test_bad_config_names_field_and_fix(overrides, field, message, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
-    assert message in str(err.value)
+    text = str(err.value)
+    assert message in text
+    # the field the user set comes first (unknown keys: quoted in the message)
+    assert text.startswith((f"{field}:", f"{field} ")) or f"'{field}'" in text.split(";")[0], text
+    if text.startswith(f"{field}:"):          # invariant errors: "field: problem; fix"
+        assert "; " in text and len(text.split("; ", 1)[1]) > 3, text
+
+
+KEYS = sorted(flatten(Config()))
+VALUES = st.one_of(st.integers(-5, 10 ** 6), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
+                   st.text(max_size=12), st.sampled_from(["", "[]", "{}", "[0.9]", "{a: 1}", "null", "s3://", "-1e309"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.one_of(st.sampled_from(KEYS), st.text(min_size=1, max_size=10)), VALUES), max_size=4))
+def test_any_override_gives_a_config_or_a_config_error_naming_a_field(pairs):
+    overrides = [f"{k}={v}" for k, v in pairs]
+    try:
+        load_config(None, overrides)
+    except ConfigError as e:                  # never another exception type
+        text = str(e)
+        fields = [k for k in KEYS if k.split(".")[0] in text.split(":")[0].split(" ")[0]]
+        assert fields or text.startswith(("unknown config key", "override")), text
 
 
 def test_bad_files(tmp_path):

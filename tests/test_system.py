@@ -91,3 +91,20 @@ def test_an_output_dir_the_learner_cannot_see_stops_the_run_before_training(tiny
                                            r"'.+' cannot see.*ReadWriteMany PVC.*s3://"):
         run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", "iterations=1"))
     assert list_checkpoints(tmp_path / "r" / "checkpoints") == []
+
+
+def test_both_systems_implement_the_system_protocol_the_driver_uses(tiny_sd3_dir, tmp_path):
+    import inspect
+
+    from treegrpo_ray.actors.ray_system import RaySystem
+    from treegrpo_ray.local_system import LocalSystem
+    from treegrpo_ray.system import System
+    members = [n for n in System.__dict__ if not n.startswith("_") and callable(System.__dict__[n])]
+    assert sorted(members) == ["close", "collect", "evaluate", "export", "launch", "save", "update"]
+    for cls in (LocalSystem, RaySystem):
+        for name in members:
+            want = list(inspect.signature(getattr(System, name)).parameters)
+            assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls.__name__, name)
+    local = LocalSystem(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=local"))
+    assert isinstance(local, System) and local.version == 0
+    assert "self.version" in inspect.getsource(RaySystem.__init__) + inspect.getsource(RaySystem._start_learner)

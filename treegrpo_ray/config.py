@@ -290,12 +290,13 @@ def validate(cfg: Config) -> Config:
            "make prompts_per_iteration a multiple of pools.samplers")
     _check(cfg.max_staleness >= 0, "max_staleness", "must be >= 0", "use 0 for strictly on-policy")
     _check(cfg.eval_images_per_prompt >= 1, "eval_images_per_prompt", "must be >= 1", "use e.g. 4")
-    _check(cfg.eval_every >= 0 and cfg.eval_prompts >= 1, "eval_every", "eval_every >= 0 and eval_prompts >= 1",
-           "use e.g. eval_every=5 eval_prompts=16")
+    _check(cfg.eval_every >= 0, "eval_every", f"{cfg.eval_every} must be >= 0", "use e.g. eval_every=5, or 0 for none")
+    _check(cfg.eval_prompts >= 1, "eval_prompts", f"{cfg.eval_prompts} must be >= 1", "use e.g. eval_prompts=16")
     _check(cfg.prompts.strip() != "", "prompts", "is empty", "use 'miniature' or a prompt file path")
     _validate_outputs(cfg)
-    _check(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep >= 1, "checkpoint.keep",
-           "checkpoint.every must be >= 0 and checkpoint.keep >= 1", "e.g. every=10 keep=2")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", f"{cfg.checkpoint.every} must be >= 0",
+           "use e.g. checkpoint.every=10, or 0 for only the last iteration")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"{cfg.checkpoint.keep} must be >= 1", "use e.g. checkpoint.keep=2")
     return cfg
 
 
@@ -338,16 +339,17 @@ def _validate_learner(cfg: Config) -> None:
     for key in ("lr", "clip_eps", "adv_eps", "adv_clip", "temperature", "explode_factor"):
         v = getattr(lr, key)
         _check(math.isfinite(v) and v > 0, f"learner.{key}", f"{v} must be a finite number > 0", "see --help for typical values")
-    _check(lr.kl_beta >= 0 and lr.grad_clip >= 0 and lr.weight_decay >= 0, "learner.kl_beta",
-           "kl_beta, grad_clip and weight_decay must be >= 0", "use 0 to turn each off")
+    for key in ("kl_beta", "grad_clip", "weight_decay"):
+        v = getattr(lr, key)
+        _check(math.isfinite(v) and v >= 0, f"learner.{key}", f"{v} must be a finite number >= 0", "use 0 to turn it off")
     _check(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas", f"{lr.betas} is not two values in [0, 1)",
            "use [0.9, 0.999]")
-    _check(lr.workers >= 1 and lr.minibatches >= 1 and lr.epochs >= 1, "learner.workers",
-           "workers, minibatches and epochs must be >= 1", "use 1")
-    _check(lr.micro_batch >= 0 and lr.max_bad_updates >= 1, "learner.micro_batch",
-           "micro_batch must be >= 0 and max_bad_updates >= 1", "use micro_batch=0 and max_bad_updates=3")
+    for key in ("workers", "minibatches", "epochs"):
+        _check(getattr(lr, key) >= 1, f"learner.{key}", f"{getattr(lr, key)} must be >= 1", "use 1")
+    _check(lr.micro_batch >= 0, "learner.micro_batch", f"{lr.micro_batch} must be >= 0", "use 0 for the whole minibatch")
+    _check(lr.max_bad_updates >= 1, "learner.max_bad_updates", f"{lr.max_bad_updates} must be >= 1", "use 3")
     n, parts = decisions_per_iteration(cfg), lr.workers * lr.minibatches
-    _check(n % parts == 0, "learner.minibatches",
+    _check(n % parts == 0, "learner.workers x learner.minibatches",
            f"{n} decisions per iteration do not split evenly into workers x minibatches = {parts} "
            "(every DDP rank must take the same number of steps)",
            "change learner.workers/learner.minibatches or prompts_per_iteration so they divide the decision count")
@@ -372,22 +374,25 @@ def _validate_rewards(cfg: Config) -> None:
         _check(t.version in ("", "v2.0", "v2.1"), f"rewards.terms.{i}.version", f"{t.version!r} unknown", "use v2.1 or v2.0")
     _check(len(set(names)) == len(names), "rewards.terms", f"duplicate reward names {names}", "list each reward once")
     total = sum(t.weight for t in terms)
-    _check(total > 0, "rewards.terms", f"weights sum to {total}; the combined reward would be zero or inverted",
+    _check(total > 0, "rewards.terms.*.weight", f"weights sum to {total}; the combined reward would be zero or inverted",
            "give the terms positive weights (e.g. 1.0, or 0.7 / 0.3)")
     _check(0 <= cfg.rewards.max_nonfinite_fraction < 1, "rewards.max_nonfinite_fraction", "must be in [0, 1)", "use 0.25")
 
 
 def _validate_pools(cfg: Config) -> None:
     p = cfg.pools
-    _check(p.samplers >= 1 and p.rewards >= 1, "pools.samplers", "each pool needs >= 1 actor", "use pools.samplers>=1 pools.rewards>=1")
-    _check(p.max_restarts >= -1 and p.max_task_retries >= -1 and p.reward_chunk >= 0, "pools.max_restarts",
-           "max_restarts/max_task_retries must be >= -1 and reward_chunk >= 0", "use -1 for unlimited")
+    for key in ("samplers", "rewards"):
+        _check(getattr(p, key) >= 1, f"pools.{key}", f"{getattr(p, key)} actors: each pool needs >= 1", "use 1 or more")
+    for key in ("max_restarts", "max_task_retries"):
+        _check(getattr(p, key) >= -1, f"pools.{key}", f"{getattr(p, key)} must be >= -1", "use -1 for unlimited, 0 for none")
+    _check(p.reward_chunk >= 0, "pools.reward_chunk", f"{p.reward_chunk} must be >= 0", "use 0 for one call per batch")
     for key, r in (("pools.sampler", p.sampler), ("pools.reward", p.reward), ("learner.resources", cfg.learner.resources)):
-        _check(r.num_cpus >= 0 and r.num_gpus >= 0, key, "num_cpus and num_gpus must be >= 0", "use e.g. num_cpus=1")
+        for res in ("num_cpus", "num_gpus"):
+            _check(getattr(r, res) >= 0, f"{key}.{res}", f"{getattr(r, res)} must be >= 0", "use e.g. num_cpus=1")
         for name, amount in r.resources.items():
             _check(amount > 0, f"{key}.resources.{name}", f"amount {amount} must be > 0", "remove it or use a positive amount")
     if cfg.model.device == "cuda":
-        _check(p.sampler.num_gpus > 0 and cfg.learner.resources.num_gpus > 0, "pools.sampler.num_gpus",
+        _check(p.sampler.num_gpus > 0 and cfg.learner.resources.num_gpus > 0, "model.device",
                "model.device=cuda but samplers or learner workers request no GPU",
                "set pools.sampler.num_gpus and learner.resources.num_gpus (e.g. 1)")
 

@@ -29,7 +29,7 @@ from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
 from treegrpo_ray.checkpoint import STATE_FILE, latest_checkpoint, read_run_state
 from treegrpo_ray.config import Config, ConfigError, flatten, groups_per_iteration, to_dict
 from treegrpo_ray.rewards.combine import combine_rewards
-from treegrpo_ray.system import Collected, SampleRequest, concat_rewards
+from treegrpo_ray.system import Collected, SampleRequest, System, concat_rewards
 from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
 from treegrpo_ray.types import merge_batches
 
@@ -208,7 +208,7 @@ def resolve_output(cfg: Config) -> Config:
     return replace(cfg, tracking=replace(cfg.tracking, output_dir=root))
 
 
-def build_system(cfg: Config, resume_from):
+def build_system(cfg: Config, resume_from) -> System:
     if cfg.mode == "local":
         from treegrpo_ray.local_system import LocalSystem
         return LocalSystem(cfg, resume_from)

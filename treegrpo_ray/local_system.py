@@ -6,6 +6,7 @@ sees the same weights too and charges the sampling to its own iteration's wall t
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +17,16 @@ from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import Collected, SampleRequest, split_leaves
 
 
+@dataclass
+class LocalHandle:
+    """A launched iteration: its requests, and their results if sampled eagerly at launch."""
+    requests: list[SampleRequest]
+    collected: Collected | None = None
+
+
 class LocalSystem:
+    """The `System` protocol (treegrpo_ray.system) in one process."""
+
     def __init__(self, cfg: Config, resume_from=None):
         self.cfg = cfg
         builders.set_worker_threads(max(1, torch.get_num_threads()))
@@ -34,11 +44,12 @@ class LocalSystem:
     def version(self) -> int:
         return self.learner.version
 
-    def launch(self, requests: list[SampleRequest]):
-        return self._sample_and_score(requests) if self.cfg.max_staleness > 0 else requests
+    def launch(self, requests: list[SampleRequest]) -> LocalHandle:
+        eager = self.cfg.max_staleness > 0
+        return LocalHandle(requests, self._sample_and_score(requests) if eager else None)
 
-    def collect(self, handle) -> Collected:
-        return handle if isinstance(handle, Collected) else self._sample_and_score(handle)
+    def collect(self, handle: LocalHandle) -> Collected:
+        return handle.collected if handle.collected is not None else self._sample_and_score(handle.requests)
 
     def _sample_and_score(self, requests: list[SampleRequest]) -> Collected:
         out = Collected()

@@ -1,7 +1,10 @@
-"""What the driver needs from a system (in-process or Ray), and the small types it passes."""
+"""What the driver needs from a system (in-process or Ray): the `System` protocol that
+`LocalSystem` and `RaySystem` implement (tests/test_system.py checks both against it), and the
+small types it passes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -47,3 +50,34 @@ def concat_rewards(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
         if list(p) != names:
             raise ValueError(f"reward batches disagree on scorer names: {list(p)} vs {names}")
     return {n: torch.cat([p[n].float().reshape(-1) for p in parts]) for n in names}
+
+
+@runtime_checkable
+class System(Protocol):
+    """One iteration's stages as the driver calls them. Locations (checkpoint roots, export
+    dirs) are absolute paths or URIs (treegrpo_ray.storage)."""
+
+    @property
+    def version(self) -> int:
+        """Weights version the learner is at (the number of updates applied)."""
+
+    def launch(self, requests: list[SampleRequest]) -> Any:
+        """Start sampling and scoring these requests; returns an opaque handle for `collect`."""
+
+    def collect(self, handle: Any) -> Collected:
+        """Wait for a launched iteration; batches and raw rewards in request order."""
+
+    def update(self, batch: TreeBatch, leaf_advantages: torch.Tensor, iteration: int) -> dict[str, float]:
+        """One GRPO update on the batch's decisions; publishes the new weights; returns metrics."""
+
+    def evaluate(self, prompts: list[str], seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """ODE samples of the current weights: per-scorer rewards (B,) and up to 16 images."""
+
+    def save(self, root: str, iteration: int, run_state: dict, keep: int) -> Any:
+        """Checkpoint to root/iter_<iteration> atomically, prune to `keep`; returns its location."""
+
+    def export(self, out_dir: str) -> str:
+        """Write the trained result for plain diffusers; returns its location."""
+
+    def close(self) -> None:
+        """Release processes and actors (the system is unusable afterwards)."""

@@ -96,6 +96,9 @@ def check_placeable(cfg: Config) -> None:
 
 
 class RaySystem:
+    """The `System` protocol (treegrpo_ray.system) on Ray: sampler and reward actor pools, a Ray
+    Train learner, weights through the object store."""
+
     def __init__(self, cfg: Config, resume_from=None):
         self.cfg, self.started = cfg, connect(cfg)
         check_placeable(cfg)
