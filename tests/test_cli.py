@@ -1,6 +1,7 @@
 """The entry point as a user runs it: `python -m treegrpo_ray.run ...` in a subprocess."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,5 +44,6 @@ def test_local_smoke_run_prints_progress(tiny_sd3_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("iter ")]
     assert len(lines) == 2 and "s/it" in lines[0] and "nfe" in lines[0]
+    assert re.search(r"\| eta \d+:\d\d$", lines[0]) and lines[1].endswith("| eta 0:00")   # time left
     assert "MLflow" in out.stdout and "done:" in out.stdout
     assert json.loads((tmp_path / "s.json").read_text())["iterations"] == 2

@@ -201,6 +201,10 @@ def test_pools_the_cluster_cannot_place_fail_before_any_actor(tiny_sd3_dir, tmp_
         @staticmethod
         def remote(*args, **kwargs):
             raise AssertionError("an actor was created before the placement check")
+
+        @classmethod
+        def options(cls, **kwargs):
+            return cls
     monkeypatch.setattr(ray_system, "WeightStore", NoActors)
     with pytest.raises(ConfigError, match=f"resource '{resource}' but no node in the cluster has it"):
         ray_system.RaySystem(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", override))

@@ -144,6 +144,10 @@ def test_fresh_folder_on_a_local_ray_instance_outputs_land_in_the_cwd(tiny_sd3_d
     shutil.rmtree(ray_tmp, ignore_errors=True)
     _, _, state = load_checkpoint(proj / "outputs" / "r" / "checkpoints" / "iter_000002")
     assert state["version"] == 2
+    # a healthy run's log is ours: no model-loading bars from each actor, no Ray INFO/error-looking lines
+    ours = ("treegrpo_ray:", "iter ", "done:", "trained model:", "load it:", "checkpoints:", "MLflow:")
+    noise = [line for line in (result.stdout + result.stderr).splitlines() if line.strip() and not line.startswith(ours)]
+    assert noise == [], noise
 
 
 # ----------------------------------------------------------------------------- S3 on loopback

@@ -51,8 +51,23 @@ def load_prompts(cfg: Config, split: str = "train") -> list[str]:
     return prompts[: cfg.eval_prompts] if split == "eval" else prompts
 
 
+def quiet_libraries(cfg: Config) -> None:
+    """Unless tracking.verbose: no per-process model-loading bars or INFO chatter from diffusers,
+    transformers and huggingface_hub (each sampler, reward and learner process loads a pipeline)."""
+    if cfg.tracking.verbose:
+        return
+    import diffusers
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def build_policy(cfg: Config, device: str | None = None):
     from treegrpo_ray.models.policy import DiffusionPolicy
+    quiet_libraries(cfg)
     m = cfg.model
     return DiffusionPolicy.from_pretrained(
         pipeline_path(cfg), kind=m.kind, dtype=_DTYPES[m.dtype], device=device or resolve_device(m.device),
@@ -72,6 +87,7 @@ def build_sampler(cfg: Config, policy):
 
 def build_reward_model(cfg: Config, device: str | None = None):
     from treegrpo_ray.rewards import build_reward_model as build
+    quiet_libraries(cfg)
     specs = []
     for t in cfg.rewards.terms:  # empty strings mean "the scorer's default": not passed on
         extra = {k: v for k, v in (("checkpoint", t.checkpoint), ("model_name", t.model_name), ("version", t.version)) if v}

@@ -141,6 +141,8 @@ class TrackingConfig:
                           "s3://bucket/prefix (needs tracking.mlflow_uri)")
     sample_grid_every: int = doc(10, "log a sample grid image every N iterations; 0 = never")
     progress: bool = doc(True, "print one progress line per iteration")
+    verbose: bool = doc(False, "also stream every actor's and library's own output (Ray worker logs, model "
+                        "loading bars, INFO lines); off: our lines, warnings and errors only")
 
 
 @dataclass(frozen=True)

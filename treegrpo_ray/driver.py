@@ -106,13 +106,20 @@ def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor]):
     return leaf_adv, metrics
 
 
-def progress_line(it: int, total: int, m: dict[str, float]) -> str:
+def eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(it: int, total: int, m: dict[str, float], left_s: float | None = None) -> str:
     ev = f" eval {m['eval/reward']:.3f} |" if "eval/reward" in m else ""
     if "eval_held_out/reward" in m:
         ev += f" held-out {m['eval_held_out/reward']:.3f} |"
     return (f"iter {it + 1:>4}/{total} | reward {m.get('reward/combined', float('nan')):.3f} |{ev} "
             f"loss {m.get('loss/total', float('nan')):+.1e} | clip {m.get('loss/clip_frac', 0):.2f} | "
-            f"nfe {int(m.get('perf/nfe', 0))} | {m.get('perf/iter_s', 0):.2f} s/it | lag {int(m.get('staleness/max_lag', 0))}")
+            f"nfe {int(m.get('perf/nfe', 0))} | {m.get('perf/iter_s', 0):.2f} s/it | lag {int(m.get('staleness/max_lag', 0))}"
+            + (f" | eta {eta(left_s)}" if left_s is not None else ""))
 
 
 def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]) -> tuple[dict[str, float], torch.Tensor]:
@@ -226,7 +233,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     uri = tracking_uri(cfg.tracking.mlflow_uri, cfg.tracking.output_dir)
     storage.write_text(storage.join(paths.run_dir, "config.json"), json.dumps(redacted_config(cfg), indent=2))
     tracker = Tracker(uri, cfg.tracking.experiment, storage.name(paths.run_dir),
-                      run_id=paths.run_state.get("mlflow_run_id"), artifact_location=artifact_location(uri))
+                      run_id=paths.run_state.get("mlflow_run_id"), artifact_location=artifact_location(uri),
+                      verbose=cfg.tracking.verbose)
     tracker.log_params(flatten(cfg))
     start = int(paths.run_state.get("next_iteration", 0))
     logged = logged_through(tracker) if start else 0
@@ -250,6 +258,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             tracker.log_image(images, "samples/eval", step=0)
             history.append({"iteration": 0, **m})
         handle = system.launch(plan(cfg, train_prompts, start)) if start < cfg.iterations else None
+        loop_t0 = time.perf_counter()
         for it in range(start, cfg.iterations):
             handle, m = iteration(cfg, system, handle, train_prompts, it)
             step = it + 1
@@ -262,8 +271,9 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             if step > logged:  # else: a replayed step the killed job already logged
                 tracker.log(m, step=step)
             history.append({"iteration": step, **m})
-            if cfg.tracking.progress:
-                print(progress_line(it, cfg.iterations, m), file=out, flush=True)
+            if cfg.tracking.progress:  # time left: this run's mean seconds per iteration so far
+                left = (time.perf_counter() - loop_t0) / (it + 1 - start) * (cfg.iterations - it - 1)
+                print(progress_line(it, cfg.iterations, m, left), file=out, flush=True)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.iterations:
                 system.save(paths.checkpoints, step, {"next_iteration": step, "mlflow_run_id": tracker.run_id,
                                                       "seed": cfg.seed, "version": system.version}, cfg.checkpoint.keep)

@@ -44,8 +44,12 @@ class Tracker:
     """Thin wrapper so the driver reads `tracker.log(metrics, step)`; all MLflow calls live here."""
 
     def __init__(self, uri: str, experiment: str, run_name: str = "", run_id: str | None = None,
-                 artifact_location: str | None = None):
+                 artifact_location: str | None = None, verbose: bool = False):
+        import logging
+
         import mlflow
+        if not verbose:  # "Creating initial MLflow database tables..." and the like
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.mlflow = mlflow
         before = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)

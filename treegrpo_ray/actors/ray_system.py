@@ -8,10 +8,12 @@ merged batch goes to the learner with one `ray.put` and W gets.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
 import time
+import uuid
 
 import ray
 import torch
@@ -57,8 +59,11 @@ def connect(cfg: Config) -> bool:
     env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}}
     if ray.is_initialized():
         return False
+    quiet = {} if cfg.tracking.verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
+    if not cfg.tracking.verbose:  # Ray's own INFO/WARNING lines (token auth on, dashboard URL, ...)
+        logging.getLogger("ray").setLevel(logging.ERROR)
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, **({"log_to_driver": True} | quiet))
         return False
     demand = cluster_demand(cfg)
     cpus = max(cfg.ray_num_cpus or os.cpu_count() or 1, math.ceil(demand.get("CPU", 0)) + 1)
@@ -80,7 +85,7 @@ def connect(cfg: Config) -> bool:
         print(f"treegrpo_ray: stopped {len(reaped)} processes a killed run's local Ray instance left running "
               f"(pids {', '.join(map(str, reaped))})", flush=True)
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=env,
-             _node_ip_address="127.0.0.1", log_to_driver=True)
+             _node_ip_address="127.0.0.1", **({"log_to_driver": True} | quiet))
     local_ray.record_session(ray._private.worker._global_node.get_session_dir_path())
     return True
 
@@ -103,12 +108,15 @@ class RaySystem:
         self.cfg, self.started = cfg, connect(cfg)
         check_placeable(cfg)
         cfg_dict, p = to_dict(cfg), cfg.pools
-        self.store = WeightStore.remote()
+        # Samplers find the store by name: an actor handle among a restartable actor's constructor
+        # arguments lives in the object store, which Ray warns may break the restart (ray#53727).
+        self.store_name = f"treegrpo-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.store = WeightStore.options(name=self.store_name).remote()
         per_sampler = leaves_per_iteration(cfg) // p.samplers
         self.chunks = max(1, math.ceil(per_sampler / p.reward_chunk)) if p.reward_chunk else 1
         sopts = actor_options(p.sampler, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
         ropts = actor_options(p.reward, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
-        self.samplers = [ray.remote(SamplerActor).options(name=None, **sopts).remote(cfg_dict, self.store, self.chunks)
+        self.samplers = [ray.remote(SamplerActor).options(name=None, **sopts).remote(cfg_dict, self.store_name, self.chunks)
                          for _ in range(p.samplers)]
         self.rewards = [ray.remote(RewardActor).options(**ropts).remote(cfg_dict) for _ in range(p.rewards)]
         self.checkpoint = str(resume_from) if resume_from else None  # newest checkpoint of this run

@@ -17,12 +17,12 @@ from treegrpo_ray.system import split_leaves
 
 
 class SamplerActor:
-    def __init__(self, cfg_dict: dict, store, num_chunks: int = 1):
+    def __init__(self, cfg_dict: dict, store_name: str, num_chunks: int = 1):
         self.cfg = from_dict(cfg_dict)
         builders.set_worker_threads(self.cfg.pools.sampler.num_cpus)
         self.policy = builders.build_policy(self.cfg)
         self.sampler = builders.build_sampler(self.cfg, self.policy)
-        self.store, self.num_chunks, self.version = store, num_chunks, -1
+        self.store, self.num_chunks, self.version = ray.get_actor(store_name), num_chunks, -1
         self.restarted = reconstructed()  # reported with the next batch, once per restart
 
     def _pull(self) -> None:
