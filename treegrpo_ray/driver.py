@@ -215,6 +215,19 @@ def resolve_output(cfg: Config) -> Config:
     return replace(cfg, tracking=replace(cfg.tracking, output_dir=root))
 
 
+def announce(cfg: Config, given_output_dir: str, paths: RunPaths, tracker, start: int, out) -> None:
+    """The run's first line(s): where its outputs go, which MLflow run, fresh or resumed."""
+    resumed = f"resuming at iteration {start} from {redact_uri(paths.resume_from)}" if start else "fresh run"
+    print(f"treegrpo_ray: run dir {redact_uri(paths.run_dir)} | MLflow {redact_uri(tracker.uri)} run {tracker.run_id} | "
+          f"{resumed} | mode {cfg.mode}", file=out, flush=True)
+    given = given_output_dir
+    if storage.under_ray_job() and not storage.is_uri(given) and not Path(given).expanduser().is_absolute():
+        print(f"treegrpo_ray: under ray job submit; outputs go to {cfg.tracking.output_dir} on the head node "
+              f"(a relative tracking.output_dir, here {given!r}, resolves against {storage.RAY_JOB_BASE}, not the "
+              "job's temporary working dir; on a multi-node cluster give a shared path or an s3:// URI)",
+              file=out, flush=True)
+
+
 def build_system(cfg: Config, resume_from) -> System:
     if cfg.mode == "local":
         from treegrpo_ray.local_system import LocalSystem
@@ -238,14 +251,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     tracker.log_params(flatten(cfg))
     start = int(paths.run_state.get("next_iteration", 0))
     logged = logged_through(tracker) if start else 0
-    print(f"treegrpo_ray: run dir {redact_uri(paths.run_dir)} | MLflow {redact_uri(tracker.uri)} run {tracker.run_id} | "
-          f"{'resuming at iteration ' + str(start) + ' from ' + redact_uri(paths.resume_from) if start else 'fresh run'}"
-          f" | mode {cfg.mode}", file=out, flush=True)
-    if storage.under_ray_job() and not storage.is_uri(given) and not Path(given).expanduser().is_absolute():
-        print(f"treegrpo_ray: under ray job submit; outputs go to {cfg.tracking.output_dir} on the head node "
-              f"(a relative tracking.output_dir, here {given!r}, resolves against {storage.RAY_JOB_BASE}, not the "
-              "job's temporary working dir; on a multi-node cluster give a shared path or an s3:// URI)",
-              file=out, flush=True)
+    announce(cfg, given, paths, tracker, start, out)
     train_prompts, eval_prompts = builders.load_prompts(cfg, "train"), builders.load_prompts(cfg, "eval")
     held_out = builders.load_prompts(cfg, "held_out")
     history: list[dict[str, float]] = []

@@ -18,6 +18,7 @@ A location is a plain string; `join` appends path parts (before a URI's query st
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -92,11 +93,17 @@ def parent(location: str) -> str:
 
 
 def filesystem(location: str) -> tuple:
-    """(pyarrow filesystem, path inside it) for a location."""
+    """(pyarrow filesystem, path inside it) for a location. Cached: listing a run's checkpoints
+    on S3 asks about the same few locations many times, and each S3FileSystem is a client."""
     location = str(location)
     if is_uri(location):
-        return _pa().FileSystem.from_uri(location)
-    return _pa().LocalFileSystem(), os.path.abspath(location)
+        return _from_uri(location)
+    return _pa().LocalFileSystem(), os.path.abspath(location)  # not cached: depends on the cwd
+
+
+@functools.lru_cache(maxsize=512)
+def _from_uri(location: str) -> tuple:
+    return _pa().FileSystem.from_uri(location)
 
 
 def is_local(location: str) -> bool:
@@ -124,11 +131,6 @@ def list_dirs(location: str) -> list[str]:
     fs, path = filesystem(location)
     infos = fs.get_file_info(_pa().FileSelector(path, allow_not_found=True))
     return [join(location, i.base_name) for i in infos if i.type == _pa().FileType.Directory]
-
-
-def makedirs(location: str) -> None:
-    fs, path = filesystem(location)
-    fs.create_dir(path, recursive=True)
 
 
 def write_text(location: str, text: str) -> None:
@@ -167,11 +169,8 @@ def upload_file(local: str | Path, location: str) -> None:
 
 def upload_dir(local: str | Path, location: str) -> None:
     """Copy a local directory tree to `location` (which is replaced whole)."""
+    delete_dir(location)
     fs, path = filesystem(location)
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
     fs.create_dir(path, recursive=True)
     _pa().copy_files(str(local), path, source_filesystem=_pa().LocalFileSystem(), destination_filesystem=fs)
 
