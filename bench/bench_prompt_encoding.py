@@ -17,7 +17,7 @@ import torch
 
 from treegrpo_ray.builders import MINIATURE_DIR
 from treegrpo_ray.models.policy import DiffusionPolicy
-from treegrpo_ray.toy.world import split_prompts
+from treegrpo_ray.miniature.world import split_prompts
 
 
 def main() -> None:

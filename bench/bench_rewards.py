@@ -12,11 +12,14 @@ least favourable case for batching). Prints a table and the batch-32 / batch-1 r
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (the miniature's build tooling) is in the checkout
 
 from treegrpo_ray.rewards.open_clip_loader import build_model, load_model_config
 from treegrpo_ray.rewards.scorers import (DEFAULT_MINIATURE_DIR, ClipScoreScorer, HPSv2Scorer, JpegCompressibility,
@@ -52,8 +55,8 @@ def make_scorers(tmp: Path, model_name: str | None) -> dict:
     kwargs = {"model_name": model_name, "model_config": cfg, "batch_size": 32}
     reward_dir = DEFAULT_MINIATURE_DIR
     if not reward_dir.is_dir():
-        from treegrpo_ray.toy import world
-        from treegrpo_ray.toy.train_reward import build_reward_model, save_reward_dir
+        from treegrpo_ray.miniature import world
+        from tools.miniature.train_reward import build_reward_model, save_reward_dir
 
         reward_dir = tmp / "miniature"
         save_reward_dir(build_reward_model(seed=0), str(reward_dir), world.world_spec())
@@ -73,7 +76,7 @@ def main() -> None:
     ap.add_argument("--model-name", default=None, help="open_clip architecture for HPS/CLIPScore (default: tiny cfg)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from treegrpo_ray.toy import world
+    from treegrpo_ray.miniature import world
 
     prompts = world.all_prompts()[:32]
     images = torch.nn.functional.interpolate(world.render_batch(prompts), size=(args.resolution,) * 2,

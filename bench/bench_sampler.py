@@ -6,7 +6,7 @@ concat, SDE/ODE step math, tree bookkeeping, batch assembly) is overhead. Target
 wall time inside the forward (issue 3, "the tree bookkeeping is not the bottleneck").
 
 Model: the shipped miniature pipeline (treegrpo_ray/assets/miniature/pipeline) when it exists;
-otherwise a random-init pipeline of the same architecture built with treegrpo_ray.toy.components
+otherwise a random-init pipeline of the same architecture built with tools.miniature.components
 (speed does not depend on the weights); `--pipeline DIR` picks any SD3-family pipeline dir.
 
     PYTHONPATH=. python bench/bench_sampler.py                # all window starts 0..T-d
@@ -17,19 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-SHIPPED = Path(__file__).resolve().parents[1] / "treegrpo_ray" / "assets" / "miniature" / "pipeline"
+from treegrpo_ray.miniature import PIPELINE_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (the miniature's build tooling) is in the checkout
+
+SHIPPED = Path(PIPELINE_DIR)
 
 
 def random_miniature(out_dir: str) -> str:
     """Save a random-init pipeline with the miniature's architecture; returns its dir."""
-    from treegrpo_ray.toy import components, world
-    from treegrpo_ray.toy.tokenizer import build_t5_tokenizer, build_tokenizer
+    from tools.miniature import components
+    from treegrpo_ray.miniature import world
+    from tools.miniature.tokenizer import build_t5_tokenizer, build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -68,7 +74,7 @@ class ForwardTimer:
 
 def prompts_for(n: int) -> list[str]:
     try:
-        from treegrpo_ray.toy import world
+        from treegrpo_ray.miniature import world
         return world.all_prompts()[:n]
     except ImportError:
         return [f"a red circle {i}" for i in range(n)]
@@ -81,7 +87,7 @@ def run(args) -> list[dict]:
     policy = DiffusionPolicy.from_pretrained(args.pipeline, max_sequence_length=args.max_sequence_length,
                                              guidance_scale=args.guidance_scale, device=args.device)
     sampler = TreeSampler(policy, variant=args.variant, num_steps=args.steps, k=args.k, depth=args.depth,
-                          group_size=args.group_size)
+                          group_size=args.group_size or args.k ** args.depth)
     timer = ForwardTimer(policy.transformer)
     prompts = prompts_for(args.prompts)
     sampler.sample(prompts, window_start=0, seed=0)  # warm-up: encodes prompts, first-call allocations

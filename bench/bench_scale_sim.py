@@ -10,7 +10,7 @@ driver publishes new weights to a real WeightStore, which samplers pull before t
 
 Reported per (samplers N, reward actors R): throughput in trees and images per real second, the
 sampler idle fraction 1 - (sampler busy) / (N x wall), and the bottleneck pool named by
-`actors.diagnose.diagnose`. Scaling efficiency: thr(N, R*(N)) / (N x thr(1, R*(1))) where R*(N)
+`treegrpo_ray.diagnose.diagnose`. Scaling efficiency: thr(N, R*(N)) / (N x thr(1, R*(1))) where R*(N)
 is the smallest pool within 3 % of the best throughput at N ("the reward pool sized right").
 
 Time is compressed by `--scale` (sleeps x 0.2 by default); walls are divided by it to report
@@ -34,7 +34,7 @@ import numpy as np
 import ray
 
 from bench.sim_actors import SimCosts, SimLearner, SimReward, SimSampler, nfe_by_window
-from treegrpo_ray.actors.diagnose import diagnose
+from treegrpo_ray.diagnose import diagnose
 from treegrpo_ray.actors.dispatch import collect_iteration
 from treegrpo_ray.actors.weight_store import WeightStore
 from treegrpo_ray.algo.tree import build_tree, count_nfe

@@ -32,8 +32,12 @@ from pathlib import Path
 
 import torch
 
+from treegrpo_ray.miniature import PIPELINE_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ (the miniature's build tooling) is in the checkout
+
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "treegrpo_ray" / "assets" / "miniature" / "pipeline" / "transformer"
+SHIPPED = Path(PIPELINE_DIR) / "transformer"
 GB = 1e9
 
 
@@ -42,7 +46,7 @@ def miniature_states() -> dict[str, dict[str, torch.Tensor]]:
     from diffusers import SD3Transformer2DModel
 
     from treegrpo_ray.models.lora import add_lora
-    from treegrpo_ray.toy.components import build_transformer
+    from tools.miniature.components import build_transformer
 
     torch.manual_seed(0)
     model = SD3Transformer2DModel.from_pretrained(SHIPPED) if SHIPPED.exists() else build_transformer()
@@ -99,7 +103,7 @@ class Fetcher:
         import ray
 
         t0 = time.perf_counter()
-        _, (ref,) = ray.get(store.latest.remote(-1))
+        _, (ref,), _ = ray.get(store.latest.remote(-1))
         t1 = time.perf_counter()
         state = ray.get(ref)
         t2 = time.perf_counter()

@@ -137,7 +137,7 @@ class SimSampler:
             return
         newest = ray.get(self.store.latest.remote(self.version))
         if newest is not None:
-            version, (ref,) = newest
+            version, (ref,), _ = newest
             ray.get(ref)
             self.version = version
 
@@ -171,7 +171,8 @@ class SimReward:
         rewards = {"leaf": 2.0 * latents[:, 0] + 1.0,
                    "prompt_len": np.array([float(len(p)) for p in prompts]),
                    "actor": np.full(len(prompts), float(self.actor_id))}
-        return {k: _OnArrival("tensor", v) for k, v in rewards.items()}, time.perf_counter() - t0, False, None
+        busy = time.perf_counter() - t0
+        return {k: _OnArrival("tensor", v) for k, v in rewards.items()}, busy, False, None, {"score": busy}
 
     def ready(self) -> bool:
         return True

@@ -69,15 +69,32 @@ def tiny_clip_text_encoder(vocab_size: int, bos_id: int, eos_id: int, seed: int)
     return CLIPTextModelWithProjection(cfg).eval()
 
 
-def build_tiny_sd3(tokenizer_dir: str | Path, seed: int = 0, dynamic_shift: bool = False):
-    """A random-init tiny StableDiffusion3Pipeline (float32, CPU)."""
+def tiny_t5(seed: int):
+    """A T5 encoder of width JOINT_DIM (SD3's T5 width equals joint_attention_dim) and its
+    tokenizer (a real Unigram T5Tokenizer over a small word list: nothing downloaded)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from tools.miniature.tokenizer import build_t5_tokenizer
+    words = "a an the red green blue yellow circle square triangle and of on left right big small".split()
+    tokenizer = build_t5_tokenizer(words, max_length=32)
+    cfg = T5Config(vocab_size=len(tokenizer), d_model=JOINT_DIM, d_kv=8, d_ff=2 * JOINT_DIM, num_layers=1,
+                   num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return T5EncoderModel(cfg).eval(), tokenizer
+
+
+def build_tiny_sd3(tokenizer_dir: str | Path, seed: int = 0, dynamic_shift: bool = False, sd35: bool = False):
+    """A random-init tiny StableDiffusion3Pipeline (float32, CPU). sd35: SD3.5-medium's architecture
+    scaled down: MMDiT-X dual-attention layers, RMS q/k norm and a T5 encoder (shift 3.0 is in both)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
+    arch = dict(dual_attention_layers=(0, 1), qk_norm="rms_norm") if sd35 else {}
     transformer = SD3Transformer2DModel(
         sample_size=SAMPLE_SIZE, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=JOINT_DIM, caption_projection_dim=16,
-        pooled_projection_dim=POOLED_DIM, out_channels=LATENT_CHANNELS, pos_embed_max_size=16)
+        pooled_projection_dim=POOLED_DIM, out_channels=LATENT_CHANNELS, pos_embed_max_size=16, **arch)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                         latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=2 * SAMPLE_SIZE,
@@ -89,16 +106,17 @@ def build_tiny_sd3(tokenizer_dir: str | Path, seed: int = 0, dynamic_shift: bool
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     sched_kwargs = dict(use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64) if dynamic_shift else {}
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, **sched_kwargs)
+    t5, t5_tokenizer = tiny_t5(seed + 3) if sd35 else (None, None)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae,
         text_encoder=tiny_clip_text_encoder(len(vocab), bos, eos, seed + 1), tokenizer=tokenizer,
         text_encoder_2=tiny_clip_text_encoder(len(vocab), bos, eos, seed + 2), tokenizer_2=tokenizer_2,
-        text_encoder_3=None, tokenizer_3=None)
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer)
 
 
-def save_tiny_sd3(out_dir: str | Path, seed: int = 0, dynamic_shift: bool = False) -> Path:
+def save_tiny_sd3(out_dir: str | Path, seed: int = 0, dynamic_shift: bool = False, sd35: bool = False) -> Path:
     """Build the tiny pipeline and `save_pretrained` it to out_dir/pipeline; returns that dir."""
     out_dir = Path(out_dir)
-    pipe = build_tiny_sd3(out_dir / "tokenizer_src", seed=seed, dynamic_shift=dynamic_shift)
+    pipe = build_tiny_sd3(out_dir / "tokenizer_src", seed=seed, dynamic_shift=dynamic_shift, sd35=sd35)
     pipe.save_pretrained(out_dir / "pipeline")
     return out_dir / "pipeline"

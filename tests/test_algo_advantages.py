@@ -6,8 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from treegrpo_ray.algo.advantages import (edge_advantages, edge_advantages_recursive, flat_advantages,
-                                          node_depths, normalize_per_prompt)
+from treegrpo_ray.algo.advantages import edge_advantages, edge_advantages_recursive, node_depths, normalize_per_prompt
 from treegrpo_ray.algo.tree import build_tree
 
 torch.set_num_threads(1)
@@ -23,7 +22,6 @@ def test_normalize_per_prompt_hand_computed():
     torch.testing.assert_close(normalize_per_prompt(rewards, ids, eps=0.0), torch.tensor([-1.0, -1.0, 1.0, 1.0, 0.0]))
     # eps = 1e-4: -1 / (1 + 1e-4) = -0.99990001
     torch.testing.assert_close(normalize_per_prompt(rewards, ids)[:2], torch.tensor([-0.99990001, -0.99990001]))
-    torch.testing.assert_close(flat_advantages(rewards, ids, eps=0.0), normalize_per_prompt(rewards, ids, eps=0.0))
 
 
 def test_normalize_per_prompt_clip_and_constant_rewards():

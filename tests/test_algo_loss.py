@@ -75,7 +75,7 @@ def test_zero_advantage_gives_zero_loss_and_gradient():
     assert loss.item() == 0.0 and logp_new.grad.item() == 0.0
 
 
-def test_batch_mean_sum_and_broadcast_advantages():
+def test_batch_mean_and_broadcast_advantages():
     # (N=2, K=2): ratios [[1.5, 1.1], [0.5, 1.0]], advantages per decision [2, -1] broadcast over K
     # per edge: row 0 (A = 2): 1.5 -> -2.4 (clipped), 1.1 -> -2.2; row 1 (A = -1): 0.5 -> 0.8 (clipped), 1.0 -> 1.0
     # sum = -2.4 - 2.2 + 0.8 + 1.0 = -2.8; mean = -0.7
@@ -84,7 +84,6 @@ def test_batch_mean_sum_and_broadcast_advantages():
     adv = torch.tensor([[2.0], [-1.0]])
     loss, m = grpo_clip_loss(logp_new, logp_old, adv, EPS)
     assert loss.item() == pytest.approx(-0.7)
-    assert grpo_clip_loss(logp_new, logp_old, adv, EPS, reduction="sum")[0].item() == pytest.approx(-2.8)
     # clip_frac = 2 / 4; ratio mean = (1.5 + 1.1 + 0.5 + 1.0) / 4 = 1.025
     assert m["clip_frac"] == 0.5
     assert m["ratio_mean"] == pytest.approx(1.025) and m["ratio_max"] == pytest.approx(1.5)

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from treegrpo_ray.algo.tree import build_tree, choose_window, count_nfe, count_nfe_flat, sde_mask
+from treegrpo_ray.algo.tree import build_tree, choose_window, count_nfe, count_nfe_flat
 
 torch.set_num_threads(1)
 
@@ -55,14 +55,6 @@ def test_level_and_children_reject_out_of_range():
         t.level(3)
     with pytest.raises(ValueError):
         t.children(3)  # nodes 3..6 are the deepest level, not decisions
-
-
-def test_sde_mask():
-    # T = 10, d = 3, p = 2 -> steps 2, 3, 4 are stochastic
-    assert sde_mask(10, 3, 2) == [False, False, True, True, True, False, False, False, False, False]
-    assert sde_mask(3, 3, 0) == [True, True, True]
-    with pytest.raises(ValueError):
-        sde_mask(10, 3, 8)
 
 
 def test_count_nfe_hand_computed():

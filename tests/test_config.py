@@ -145,7 +145,7 @@ def test_bad_files(tmp_path):
 def test_flatten_redacts_secrets():
     cfg = load_config(None, ["tracking.mlflow_uri=https://user:hunter2@mlflow.example/"])
     flat = flatten(cfg)
-    assert flat["tracking.mlflow_uri"] == "***"
+    assert flat["tracking.mlflow_uri"] == "https://***@mlflow.example/"
     assert flat["tree.k"] == "3"
     assert "hunter2" not in " ".join(flat.values())
 
@@ -158,7 +158,7 @@ def test_every_field_documented():
 
 def test_prompt_sets(tmp_path):
     from treegrpo_ray.builders import load_prompts
-    from treegrpo_ray.toy.world import demo_prompts, split_prompts
+    from treegrpo_ray.miniature.world import demo_prompts, split_prompts
     train, held = split_prompts()
     cfg = load_config(None, ["eval_prompts=4"])
     assert load_prompts(cfg, "train") == demo_prompts()

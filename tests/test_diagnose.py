@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from treegrpo_ray.actors.diagnose import OVERHEAD, diagnose
+from treegrpo_ray.diagnose import OVERHEAD, diagnose
 
 
 def test_reward_pool_is_the_bottleneck_and_gets_a_size():
@@ -58,7 +58,7 @@ def test_bad_inputs_raise(busy, actors, wall):
 
 
 def test_module_imports_without_ray():
-    code = "import sys, treegrpo_ray.actors.diagnose; print('ray' in sys.modules)"
+    code = "import sys, treegrpo_ray.diagnose; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"

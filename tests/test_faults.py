@@ -21,7 +21,9 @@ import pytest
 import ray
 import torch
 
-from treegrpo_ray.actors import ray_system
+from treegrpo_ray.actors import pools
+from treegrpo_ray.actors.learner_group import LearnerGroup
+from treegrpo_ray.actors.learner_protocol import Envelope, Update
 from treegrpo_ray.actors.ray_system import RaySystem
 from treegrpo_ray.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import load_config
@@ -95,23 +97,23 @@ def assert_reproduces(summary, out, uninterrupted, through: int):
 def kill_learner_during_update(monkeypatch, at_update: int, pids: list):
     """SIGKILL the learner's rank-0 Ray Train worker right after update number `at_update` is sent;
     pids gets [killed pid, pid at close]."""
-    real_send, real_close = RaySystem._send, RaySystem.close
+    real_send, real_close = LearnerGroup._send, LearnerGroup.close
     sent = []
 
-    def send(self, cmd):
-        seq = real_send(self, cmd)
-        if cmd["kind"] == "update":
+    def send(self, command):
+        seq = real_send(self, command)
+        if isinstance(command, Update):
             if len(sent) == at_update:
-                pids.append(self.learner_pid)
-                os.kill(self.learner_pid, signal.SIGKILL)
+                pids.append(self.pid)
+                os.kill(self.pid, signal.SIGKILL)
             sent.append(seq)
         return seq
 
     def close(self):
-        pids.append(self.learner_pid)
+        pids.append(self.pid)
         real_close(self)
-    monkeypatch.setattr(RaySystem, "_send", send)
-    monkeypatch.setattr(RaySystem, "close", close)
+    monkeypatch.setattr(LearnerGroup, "_send", send)
+    monkeypatch.setattr(LearnerGroup, "close", close)
 
 
 @pytest.mark.ray
@@ -131,12 +133,12 @@ def test_killed_sampler_reward_and_learner_processes_are_restarted_and_their_wor
     learner_pids = []
     kill_learner_during_update(monkeypatch, kill_learner_at, learner_pids)
     pids, seen, launches, collects = {}, [], [], []
-    real_launch, real_collect, real_close = RaySystem.launch, ray_system.collect_iteration, RaySystem.close
+    real_launch, real_collect, real_close = RaySystem.launch, pools.collect_iteration, RaySystem.close
 
     def launch(self, requests):
         if not pids:
-            pids["sampler"] = [ray.get(self.samplers[0].pid.remote())]
-            pids["reward"] = [ray.get(self.rewards[0].pid.remote())]
+            pids["sampler"] = [ray.get(self.pools.samplers[0].pid.remote())]
+            pids["reward"] = [ray.get(self.pools.rewards[0].pid.remote())]
         handle = real_launch(self, requests)
         if len(launches) == kill_sampler_at:
             os.kill(pids["sampler"][0], signal.SIGKILL)
@@ -161,13 +163,13 @@ def test_killed_sampler_reward_and_learner_processes_are_restarted_and_their_wor
         return out
 
     def close(self):
-        pids["sampler"].append(ray.get(self.samplers[0].pid.remote()))
-        pids["reward"].append(ray.get(self.rewards[0].pid.remote()))
+        pids["sampler"].append(ray.get(self.pools.samplers[0].pid.remote()))
+        pids["reward"].append(ray.get(self.pools.rewards[0].pid.remote()))
         seen.append(self.version)
         real_close(self)
 
     monkeypatch.setattr(RaySystem, "launch", launch)
-    monkeypatch.setattr(ray_system, "collect_iteration", collect)
+    monkeypatch.setattr(pools, "collect_iteration", collect)
     monkeypatch.setattr(RaySystem, "close", close)
     summary = run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", f"iterations={ITERATIONS}"))
 
@@ -197,6 +199,10 @@ class FakeLearner:
         self.version = state["version"]
 
 
+def envelope(version, checkpoint):
+    return Envelope(seq=1, version=version, checkpoint=checkpoint, command=Update([None], torch.zeros(1), 0))
+
+
 class FakePolicy:
     def load_broadcast_state(self, state):
         self.state = state
@@ -208,14 +214,14 @@ def test_a_restarted_learner_catches_up_from_the_drivers_checkpoint_or_says_it_c
                            run_state={"version": 3})
     # Ray Train handed back version 2 (its registry lags one save); the command is at version 3
     learner, policy = FakeLearner(2), FakePolicy()
-    _catch_up({"version": 3, "checkpoint": str(ckpt)}, policy, learner)
+    _catch_up(envelope(3, str(ckpt)), policy, learner)
     assert learner.version == 3 and torch.equal(policy.state["w"], torch.ones(2))
-    _catch_up({"version": 3, "checkpoint": None}, policy, FakeLearner(3))     # already there: nothing to do
+    _catch_up(envelope(3, None), policy, FakeLearner(3))     # already there: nothing to do
     with pytest.raises(LearnerBehind, match=r"restored at weights version 2, but the run is at version 4 .*"
                                             r"iter_000003\) does not hold it"):
-        _catch_up({"version": 4, "checkpoint": str(ckpt)}, FakePolicy(), FakeLearner(2))
+        _catch_up(envelope(4, str(ckpt)), FakePolicy(), FakeLearner(2))
     with pytest.raises(LearnerBehind, match=r"\(none yet\)"):
-        _catch_up({"version": 1, "checkpoint": None}, FakePolicy(), FakeLearner(0))
+        _catch_up(envelope(1, None), FakePolicy(), FakeLearner(0))
 
 
 @pytest.mark.ray

@@ -56,17 +56,17 @@ def poison_rewards(monkeypatch):
 
         def build(cfg, device=None):
             model = real(cfg, device)
-            score, seen = model.score_latents, [0]
+            score, seen = model.score_latents_with_metrics, [0]
 
-            def score_latents(latents, prompts):
-                out = score(latents, prompts)
+            def score_latents_with_metrics(latents, prompts):
+                out, metrics = score(latents, prompts)
                 bad = calls.get(seen[0], [])
                 seen[0] += 1
                 for n, r in out.items():
                     for j, leaf in enumerate(bad):
                         r[leaf] = float("nan") if j % 2 == 0 else float("inf")
-                return out
-            model.score_latents = score_latents
+                return out, metrics
+            model.score_latents_with_metrics = score_latents_with_metrics
             return model
         monkeypatch.setattr(builders, "build_reward_model", build)
     return poison
@@ -205,6 +205,7 @@ def test_pools_the_cluster_cannot_place_fail_before_any_actor(tiny_sd3_dir, tmp_
         @classmethod
         def options(cls, **kwargs):
             return cls
-    monkeypatch.setattr(ray_system, "WeightStore", NoActors)
+    from treegrpo_ray.actors import pools
+    monkeypatch.setattr(pools, "WeightStore", NoActors)
     with pytest.raises(ConfigError, match=f"resource '{resource}' but no node in the cluster has it"):
         ray_system.RaySystem(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", override))

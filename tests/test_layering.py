@@ -1,4 +1,6 @@
-"""Import layering (STYLE.md habit 1): algo/ is pure torch; components never import ray or mlflow."""
+"""Import layering (STYLE.md habit 1): algo/ is pure torch; components never import ray or mlflow,
+and imports point one way: algo/miniature -> models/rewards -> sampling/learning -> (builders,
+actors, driver). A component never imports the layers that assemble or drive it."""
 import ast
 import json
 import subprocess
@@ -8,13 +10,16 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "treegrpo_ray"
-COMPONENT_DIRS = ("algo", "models", "rewards", "sampling", "learning", "toy")
+COMPONENT_DIRS = ("algo", "miniature", "models", "rewards", "sampling", "learning")
+# a component may import treegrpo_ray modules of its own rank or below, and nothing above the components
+RANK = {"algo": 0, "miniature": 0, "types": 0, "models": 1, "rewards": 1, "sampling": 2, "learning": 2}
 ALGO_ALLOWED = {"torch", "math", "dataclasses", "typing", "__future__", "treegrpo_ray"}
 
 
-def _imports(path: Path, package: str = "treegrpo_ray") -> list[str]:
+def _imports(path: Path, package: str = "treegrpo_ray", with_names: bool = False) -> list[str]:
     """Absolute module names a file imports; relative imports are resolved against `package`,
-    the dotted package that holds the file."""
+    the dotted package that holds the file. with_names: `from a import b` gives a.b (b may be a
+    module), not a."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = []
     for node in ast.walk(tree):
@@ -23,9 +28,10 @@ def _imports(path: Path, package: str = "treegrpo_ray") -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                names.append(".".join(base + ([node.module] if node.module else [])))
+                module = ".".join(base + ([node.module] if node.module else []))
             else:
-                names.append(node.module)
+                module = node.module
+            names += [f"{module}.{alias.name}" for alias in node.names] if with_names else [module]
     return names
 
 
@@ -72,3 +78,47 @@ def test_checker_catches_a_bad_import(tmp_path):
                    "from ..config import Config\n")
     assert _imports(bad, "treegrpo_ray.algo") == ["os", "ray.util", "mlflow.tracking", "treegrpo_ray.algo",
                                                   "treegrpo_ray.config"]
+
+
+def upward_imports(path: Path) -> list[str]:
+    """treegrpo_ray modules `path` (a component file) imports that rank above it or outside the components."""
+    own = RANK[path.relative_to(PKG).parts[0]]
+    bad = []
+    for name in _imports(path, _package_of(path), with_names=True):
+        parts = name.split(".")
+        if parts[0] != "treegrpo_ray" or len(parts) == 1:
+            continue
+        if RANK.get(parts[1], 99) > own:
+            bad.append(f"{path.relative_to(PKG.parent)}: {name}")
+    return bad
+
+
+@pytest.mark.parametrize("sub", COMPONENT_DIRS)
+def test_components_never_import_upward(sub):
+    offenders = [o for path in _files(sub) for o in upward_imports(path)]
+    assert offenders == [], "a component imports a layer above it (builders/config/actors/driver...):\n" + \
+        "\n".join(offenders)
+
+
+def test_upward_check_catches_one(tmp_path, monkeypatch):
+    fake_pkg = tmp_path / "treegrpo_ray"
+    (fake_pkg / "models").mkdir(parents=True)
+    bad = fake_pkg / "models" / "bad.py"
+    bad.write_text("from treegrpo_ray.algo import tree\nfrom treegrpo_ray.rewards import kinds\n"
+                   "from treegrpo_ray import builders\nfrom treegrpo_ray.sampling import tree_sampler\n"
+                   "from ..config import Config\n")
+    monkeypatch.setattr(sys.modules[__name__], "PKG", fake_pkg)
+    assert upward_imports(bad) == ["treegrpo_ray/models/bad.py: treegrpo_ray.builders",
+                                   "treegrpo_ray/models/bad.py: treegrpo_ray.sampling.tree_sampler",
+                                   "treegrpo_ray/models/bad.py: treegrpo_ray.config.Config"]
+
+
+def test_the_driver_loads_no_model_libraries():
+    """The CPU driver of a GPU cluster plans, normalises rewards and logs: importing it must not
+    pull in open_clip, diffusers or transformers (they load in the actors)."""
+    code = ("import sys, json, treegrpo_ray.driver, treegrpo_ray.run; "
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'open_clip', 'diffusers', 'transformers', 'peft', 'ray'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PKG.parent, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -26,6 +26,9 @@ class ConstantVelocityPolicy(torch.nn.Module):
     def trainable_parameters(self):
         return [self.w]
 
+    def live_state(self):
+        return {"w": self.w}
+
     @contextlib.contextmanager
     def reference(self):
         yield

@@ -7,9 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from treegrpo_ray.toy import (ASSETS_DIR, GUIDANCE_SCALE, MAX_SEQUENCE_LENGTH, PIPELINE_DIR,  # noqa: E402
+from treegrpo_ray.miniature import (ASSETS_DIR, GUIDANCE_SCALE, MAX_SEQUENCE_LENGTH, PIPELINE_DIR,  # noqa: E402
                               REWARD_DIR, world)
-from treegrpo_ray.toy.reward import MiniatureReward  # noqa: E402
+from treegrpo_ray.miniature.reward import MiniatureReward  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -12,6 +12,7 @@ and its artifacts (the `final_model` files) beside them, nothing else in the wor
 and the export loads with plain diffusers and generates an image."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -89,7 +90,24 @@ def short_tmp() -> str:
     return tempfile.mkdtemp(prefix="trg-", dir="/tmp")
 
 
-def assert_outputs_in(proj: Path, out: Path, stdout: str, iterations: int, extra=()) -> str:
+def assert_figures(run_dir: Path, stdout: str, iterations: int, samples: bool, db: str, run_id: str) -> None:
+    """reward_curve.png (and with eval, samples.png of iteration 0 over the last) in the run dir and MLflow."""
+    from PIL import Image
+    assert Image.open(run_dir / "reward_curve.png").size == (1000, 380)
+    figures = [run_dir / "reward_curve.png"]
+    if samples:
+        assert Image.open(run_dir / "samples" / "iter_000000.png").size == Image.open(
+            run_dir / "samples" / f"iter_{iterations:06d}.png").size
+        assert Image.open(run_dir / "samples.png").size[0] >= 640
+        figures.append(run_dir / "samples.png")
+    else:
+        assert not (run_dir / "samples.png").exists()
+    assert f"figures: {', '.join(map(str, figures))}" in stdout
+    logged = sorted(f.path for f in mlflow.MlflowClient(db).list_artifacts(run_id, "report"))
+    assert logged == sorted(f"report/{p.name}" for p in figures)
+
+
+def assert_outputs_in(proj: Path, out: Path, stdout: str, iterations: int, extra=(), samples=False) -> str:
     """The run `r` left everything under `out`; returns its MLflow run id."""
     run_dir = out / "r"
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")][-1] == f"iter_{iterations:06d}"
@@ -107,15 +125,16 @@ def assert_outputs_in(proj: Path, out: Path, stdout: str, iterations: int, extra
     assert f"trained model: {run_dir / 'export'}" in stdout
     assert f'transformer=SD3Transformer2DModel.from_pretrained("{run_dir / "export"}"' in stdout
     assert f"mlflow ui --backend-store-uri {db}" in stdout
+    assert_figures(run_dir, stdout, iterations, samples, db, run_id)
     return run_id
 
 
 def test_fresh_folder_local_mode_default_output_dir_then_resume(tiny_sd3_dir, tmp_path):
     proj = fresh_project(tmp_path)
     env = user_env()
-    first = run_cli(proj, cli_args(tiny_sd3_dir, "mode=local"), env)
+    first = run_cli(proj, cli_args(tiny_sd3_dir, "mode=local", "eval_every=2"), env)
     assert first.stdout.startswith(f"treegrpo_ray: run dir {proj / 'outputs' / 'r'} |")
-    run_id = assert_outputs_in(proj, proj / "outputs", first.stdout, iterations=2)
+    run_id = assert_outputs_in(proj, proj / "outputs", first.stdout, iterations=2, samples=True)
     generate_with_plain_diffusers(tiny_sd3_dir, proj / "outputs" / "r" / "export")
 
     # resume=latest of a run that has no checkpoint: an error naming where it looked, not a fresh run
@@ -127,9 +146,11 @@ def test_fresh_folder_local_mode_default_output_dir_then_resume(tiny_sd3_dir, tm
     assert "checkpoint.resume=auto" in missing.stderr and not (proj / "outputs" / "nope").exists()
 
     # resume=auto continues the run that exists: same MLflow run, no step lost or repeated
-    resumed = run_cli(proj, cli_args(tiny_sd3_dir, "mode=local", "iterations=3", "checkpoint.resume=auto"), env)
+    resumed = run_cli(proj, cli_args(tiny_sd3_dir, "mode=local", "eval_every=2", "iterations=3",
+                                     "checkpoint.resume=auto"), env)
     assert f"resuming at iteration 2 from {proj / 'outputs' / 'r' / 'checkpoints' / 'iter_000002'}" in resumed.stdout
-    assert assert_outputs_in(proj, proj / "outputs", resumed.stdout, iterations=3) == run_id
+    # the figures cover the whole run: iteration 0's grid (first job) over iteration 3's (this one)
+    assert assert_outputs_in(proj, proj / "outputs", resumed.stdout, iterations=3, samples=True) == run_id
 
 
 @pytest.mark.ray
@@ -145,7 +166,7 @@ def test_fresh_folder_on_a_local_ray_instance_outputs_land_in_the_cwd(tiny_sd3_d
     _, _, state = load_checkpoint(proj / "outputs" / "r" / "checkpoints" / "iter_000002")
     assert state["version"] == 2
     # a healthy run's log is ours: no model-loading bars from each actor, no Ray INFO/error-looking lines
-    ours = ("treegrpo_ray:", "iter ", "done:", "trained model:", "load it:", "checkpoints:", "MLflow:")
+    ours = ("treegrpo_ray:", "iter ", "done:", "trained model:", "load it:", "figures:", "checkpoints:", "MLflow:")
     noise = [line for line in (result.stdout + result.stderr).splitlines() if line.strip() and not line.startswith(ours)]
     assert noise == [], noise
 
@@ -237,3 +258,8 @@ def test_s3_output_dir_survives_a_sigkill_and_resumes(tiny_sd3_dir, tmp_path, s3
     assert sorted(p.name for p in proj.iterdir()) == ["mlartifacts", "mlflow.db", "prompts.txt", "smoke.yaml"]
     local = storage.download_dir(export, tmp_path / "export")
     generate_with_plain_diffusers(tiny_sd3_dir, local)
+    # the reward curve went to the bucket too, covering the killed job's iterations as well
+    from PIL import Image
+    curve = storage.read_bytes(storage.join(root, "r", "reward_curve.png"))
+    assert Image.open(io.BytesIO(curve)).size == (1000, 380)
+    assert f"figures: {storage.join(root, 'r', 'reward_curve.png')}" in resumed.stdout

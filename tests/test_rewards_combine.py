@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tests.rewards_fixtures import TINY_CLIP_CFG, random_images, save_hps_style, tiny_clip, tiny_vae
-from treegrpo_ray.rewards import (REWARD_KINDS, JpegCompressibility, RewardModel, build_reward_model, combine_rewards,
-                                  finite_mask)
+from treegrpo_ray.algo.combine import combine_rewards, finite_mask
+from treegrpo_ray.rewards import REWARD_KINDS, JpegCompressibility, RewardModel, build_reward_model
 
 torch.set_num_threads(1)
 
@@ -103,7 +103,7 @@ def test_build_reward_model_and_score_latents(tmp_path):
     images = rm.decoder.decode(latents)
     torch.testing.assert_close(scores["jpeg_compressibility"][:2], JpegCompressibility()(images[:2], prompts[:2]))
     assert torch.isnan(scores["hpsv2"][2]) and torch.isnan(scores["jpeg_compressibility"][2])
-    assert metrics["reward/hpsv2/nonfinite"] == 1.0 and metrics["perf/reward/decode_s"] > 0
+    assert metrics["reward/hpsv2/nonfinite"] == 1.0 and metrics["time/reward/decode_s"] > 0
     adv, m = combine_rewards(scores, rm.weights, torch.tensor([0, 1, 0]))
     assert torch.isfinite(adv).all() and m["reward/dropped"] == 1.0
     with pytest.raises(ValueError, match="2 prompts for latents"):

@@ -7,10 +7,10 @@ import torch
 
 from treegrpo_ray.rewards import build_reward_model
 from treegrpo_ray.rewards.scorers import DEFAULT_MINIATURE_DIR, MiniatureScorer
-from treegrpo_ray.toy import world
-from treegrpo_ray.toy.reward import MiniatureReward
-from treegrpo_ray.toy.train_reward import build_reward_model as build_toy_clip
-from treegrpo_ray.toy.train_reward import save_reward_dir
+from treegrpo_ray.miniature import world
+from treegrpo_ray.miniature.reward import MiniatureReward
+from tools.miniature.train_reward import build_reward_model as build_toy_clip
+from tools.miniature.train_reward import save_reward_dir
 
 torch.set_num_threads(1)
 

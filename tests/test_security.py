@@ -116,6 +116,10 @@ def test_connect_starts_a_loopback_only_local_instance(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray_system.ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray_system.ray, "init", lambda **kw: calls.append(kw))
+    # no instance really starts: nothing to record or reap (else this test depends on the Ray
+    # tests before it having started one)
+    monkeypatch.setattr(ray_system.local_ray, "record_session", lambda: None)
+    monkeypatch.setattr(ray_system.local_ray, "reap_orphans", lambda: [])
     assert ray_system.connect(smoke(tmp_path)) is True
     (kw,) = calls
     assert kw["address"] == "local"                   # never attaches to a stray cluster
@@ -170,10 +174,14 @@ def test_default_mlflow_store_is_a_local_file_not_a_server(tmp_path, monkeypatch
 def test_flatten_redacts_secret_keys_and_uri_credentials(tmp_path):
     cfg = smoke(tmp_path, f"tracking.mlflow_uri=https://alice:{SECRET}@mlflow.example.com/",
                 f"ray_address=ray://bob:{SECRET}@head.example.com:10001",
-                f"rewards.terms.0.checkpoint=s3://key:{SECRET}@bucket/hps.pt")
+                f"rewards.terms.0.checkpoint=s3://key:{SECRET}@bucket/hps.pt",
+                f"tracking.output_dir=s3://b/out?endpoint_override=127.0.0.1:9000&access_key=AK&secret_key={SECRET}")
     flat = flatten(cfg)
-    assert flat["tracking.mlflow_uri"] == "***" and flat["ray_address"] == "***"
-    assert flat["rewards.terms.0.checkpoint"] == "***"
+    assert flat["tracking.mlflow_uri"] == "https://***@mlflow.example.com/"
+    assert flat["ray_address"] == "ray://***@head.example.com:10001"
+    assert flat["rewards.terms.0.checkpoint"] == "s3://***@bucket/hps.pt"
+    # credentials in a query string (how pyarrow takes S3 options) are masked, the rest kept
+    assert flat["tracking.output_dir"] == "s3://b/out?endpoint_override=127.0.0.1:9000&access_key=***&secret_key=***"
     assert not any(SECRET in v for v in flat.values())
     assert flatten(cfg, redact=False)["ray_address"].endswith("head.example.com:10001")  # only redaction hides it
     assert driver.redact_uri(f"https://alice:{SECRET}@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
@@ -192,7 +200,7 @@ def test_a_run_logs_no_credentials(tiny_sd3_dir, tmp_path, monkeypatch):
     printed = io.StringIO()
     summary = driver.run(cfg, out=printed)
     run = mlflow.MlflowClient(summary["mlflow_uri"]).get_run(summary["mlflow_run_id"])
-    assert run.data.params["ray_address"] == "***"
+    assert run.data.params["ray_address"] == "ray://***@head.example.com:10001"
     texts = [*run.data.params.values(), *run.data.tags.values(), printed.getvalue(), json.dumps(summary),
              (tmp_path / "r" / "config.json").read_text()]
     assert not [t for t in texts if SECRET in t]

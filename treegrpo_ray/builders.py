@@ -8,22 +8,17 @@ from pathlib import Path
 
 import torch
 
+from treegrpo_ray import miniature
 from treegrpo_ray.config import Config, ConfigError, bundled_file
+from treegrpo_ray.models.devices import resolve_device
 
-MINIATURE_DIR = Path(__file__).parent / "assets" / "miniature"
+MINIATURE_DIR = Path(miniature.ASSETS_DIR)
 MINIATURE_PROMPTS = ("miniature", "miniature-all")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def pipeline_path(cfg: Config) -> str:
     """'miniature' -> the shipped pipeline directory; anything else is passed to from_pretrained."""
-    return str(MINIATURE_DIR / "pipeline") if cfg.model.pretrained == "miniature" else cfg.model.pretrained
+    return miniature.PIPELINE_DIR if cfg.model.pretrained == "miniature" else cfg.model.pretrained
 
 
 def load_prompts(cfg: Config, split: str = "train") -> list[str]:
@@ -33,7 +28,7 @@ def load_prompts(cfg: Config, split: str = "train") -> list[str]:
     if split not in ("train", "eval", "held_out"):
         raise ValueError(f"split must be 'train', 'eval' or 'held_out', got {split!r}")
     if cfg.prompts in MINIATURE_PROMPTS:
-        from treegrpo_ray.toy.world import demo_prompts, split_prompts
+        from treegrpo_ray.miniature.world import demo_prompts, split_prompts
         train, held_out = split_prompts()
         if split == "held_out":
             return held_out
@@ -70,7 +65,7 @@ def build_policy(cfg: Config, device: str | None = None):
     quiet_libraries(cfg)
     m = cfg.model
     return DiffusionPolicy.from_pretrained(
-        pipeline_path(cfg), kind=m.kind, dtype=_DTYPES[m.dtype], device=device or resolve_device(m.device),
+        pipeline_path(cfg), kind=m.kind, dtype=m.dtype, device=device or m.device,
         lora_rank=m.lora_rank, lora_alpha=m.lora_alpha or None, lora_targets=tuple(m.lora_targets),
         guidance_scale=m.guidance_scale, max_sequence_length=m.max_sequence_length, resolution=m.resolution)
 
@@ -98,6 +93,8 @@ def build_reward_model(cfg: Config, device: str | None = None):
 def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size: int = 1):
     from treegrpo_ray.learning.learner import GRPOLearner
     lr = cfg.learner
+    if lr.gradient_checkpointing:  # only where gradients flow: the sampler's no-grad forwards are unchanged
+        policy.transformer.enable_gradient_checkpointing()
     return GRPOLearner(policy, module=module, lr=lr.lr, weight_decay=lr.weight_decay, betas=lr.betas,
                        clip_eps=lr.clip_eps, weighting=lr.weighting, temperature=lr.temperature, baseline=lr.edge_baseline,
                        kl_beta=lr.kl_beta,
@@ -125,7 +122,7 @@ def preflight(cfg: Config) -> None:
     looks_local = path.startswith(("/", "./", "../", "~"))  # anything else may be a hub id
     if cfg.model.pretrained == "miniature" and not Path(path, "model_index.json").is_file():
         raise ConfigError(f"model.pretrained: the shipped miniature pipeline is missing at {path}; reinstall the "
-                          "package or rebuild it with `python -m treegrpo_ray.toy.build`")
+                          "package or rebuild it with `python -m tools.miniature.build`")
     if looks_local and not Path(path).expanduser().exists():
         raise ConfigError(f"model.pretrained: local directory {path!r} does not exist; point it at a diffusers "
                           "pipeline directory (with model_index.json) or a hub id")

@@ -19,6 +19,7 @@ import yaml
 
 from treegrpo_ray import storage
 from treegrpo_ray.config_parse import ConfigError, _build, _merge, _parse_scalar, _set_dotted
+from treegrpo_ray.rewards.kinds import REWARD_KINDS
 
 
 def doc(default: Any, help: str, **kw) -> Any:
@@ -124,7 +125,9 @@ class LearnerConfig:
     epochs: int = doc(1, "passes over an iteration's decisions")
     micro_batch: int = doc(0, "decisions per forward/backward (gradient accumulation); 0 = whole minibatch")
     workers: int = doc(1, "Ray Train data-parallel learner workers")
-    strategy: str = doc("ddp", "ddp | fsdp (full fine-tune of large models on GPU)")
+    strategy: str = doc("ddp", "ddp | fsdp (full fine-tune of large models on GPU; GPU-only, untested on CPU)")
+    gradient_checkpointing: bool = doc(False, "recompute the transformer's activations in backward (diffusers' "
+                                       "enable_gradient_checkpointing): less learner memory, ~1 extra forward")
     resources: ResourcesConfig = doc(ResourcesConfig(num_cpus=2.0), "resources of each learner worker (num_cpus = "
                                      "its torch threads; 2 suits a laptop, where on-policy stages take turns)")
     max_bad_updates: int = doc(3, "consecutive skipped (non-finite / exploding) updates before the run stops")
@@ -177,7 +180,6 @@ class Config:
     checkpoint: CheckpointConfig = doc(CheckpointConfig(), "checkpointing and resume")
 
 
-KNOWN_REWARDS = ("miniature", "hpsv2", "clipscore", "jpeg_compressibility", "jpeg_incompressibility")
 _CHOICES = {
     "model.kind": ("flow", "ddim"), "model.dtype": ("float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"), "tree.variant": ("tree", "flat", "mix"),
@@ -367,8 +369,8 @@ def _validate_rewards(cfg: Config) -> None:
     _check(len(terms) >= 1, "rewards.terms", "no reward terms", "name at least one, e.g. [{name: miniature}]")
     names = [t.name for t in terms]
     for i, t in enumerate(terms):
-        _check(t.name in KNOWN_REWARDS, f"rewards.terms.{i}.name", f"unknown reward {t.name!r}",
-               f"use one of {', '.join(KNOWN_REWARDS)}")
+        _check(t.name in REWARD_KINDS, f"rewards.terms.{i}.name", f"unknown reward {t.name!r}",
+               f"use one of {', '.join(REWARD_KINDS)}")
         _check(math.isfinite(t.weight), f"rewards.terms.{i}.weight", f"{t.weight} is not finite", "use a finite weight")
         _check(t.name != "clipscore" or bool(t.checkpoint), f"rewards.terms.{i}.checkpoint",
                "clipscore needs a local open_clip checkpoint (nothing is downloaded at run time)",
@@ -422,8 +424,8 @@ _SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential
 
 
 def flatten(cfg: Config, *, redact: bool = True) -> dict[str, str]:
-    """`a.b.c -> str(value)` for MLflow params; values of secret-looking keys or URIs with
-    credentials (user:pass@host) are replaced by '***'."""
+    """`a.b.c -> str(value)` for MLflow params; values of secret-looking keys become '***', and
+    credentials inside URIs (user:pass@host, ?secret_key=...) are masked (storage.redact)."""
     out: dict[str, str] = {}
 
     def walk(node, prefix):
@@ -436,17 +438,13 @@ def flatten(cfg: Config, *, redact: bool = True) -> dict[str, str]:
         else:
             key = prefix.rstrip(".")
             text = str(node)
-            if redact and (any(w in key.lower() for w in _SECRET_WORDS) or _has_userinfo(text)):
-                text = "***"
+            if redact:
+                text = "***" if any(w in key.lower() for w in _SECRET_WORDS) else storage.redact(text)
             out[key] = text
 
     walk(to_dict(cfg), "")
     return out
 
-
-def _has_userinfo(text: str) -> bool:
-    head, sep, rest = text.partition("://")
-    return bool(sep) and "@" in rest.split("/", 1)[0] and ":" in rest.split("@", 1)[0]
 
 
 def describe(cls=Config, prefix: str = "") -> list[str]:

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-from treegrpo_ray import builders, storage
+from treegrpo_ray import builders, report, storage
+from treegrpo_ray.algo.seeds import iteration_seed, sampler_seed
 from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
 from treegrpo_ray.checkpoint import STATE_FILE, latest_checkpoint, read_run_state
 from treegrpo_ray.config import Config, ConfigError, flatten, groups_per_iteration, to_dict
-from treegrpo_ray.rewards.combine import combine_rewards
+from treegrpo_ray.diagnose import diagnose
+from treegrpo_ray.algo.combine import combine_rewards
 from treegrpo_ray.system import Collected, SampleRequest, System, concat_rewards
 from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
 from treegrpo_ray.types import merge_batches
@@ -49,7 +51,7 @@ class RunPaths:
 
 def plan(cfg: Config, prompts: list[str], iteration: int) -> list[SampleRequest]:
     """Prompts, window and seeds of one iteration; a pure function of (seed, iteration)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration)
+    gen = torch.Generator().manual_seed(iteration_seed(cfg.seed, iteration))
     picked = [prompts[i] for i in torch.randperm(len(prompts), generator=gen)[: cfg.prompts_per_iteration].tolist()]
     while len(picked) < cfg.prompts_per_iteration:  # fewer prompts than asked for: cycle
         picked.append(prompts[len(picked) % len(prompts)])
@@ -59,7 +61,7 @@ def plan(cfg: Config, prompts: list[str], iteration: int) -> list[SampleRequest]
         window = choose_window(t.num_steps, t.depth, t.window, generator=gen, iteration=iteration,
                                shift_every=t.shift_every, max_start=None if t.max_window_start < 0 else t.max_window_start)
     per = cfg.prompts_per_iteration // cfg.pools.samplers
-    return [SampleRequest(picked[i * per:(i + 1) * per], window, cfg.seed * 1_000_003 + iteration * 1_009 + i)
+    return [SampleRequest(picked[i * per:(i + 1) * per], window, sampler_seed(cfg.seed, iteration, i))
             for i in range(cfg.pools.samplers)]
 
 
@@ -118,7 +120,7 @@ def progress_line(it: int, total: int, m: dict[str, float], left_s: float | None
         ev += f" held-out {m['eval_held_out/reward']:.3f} |"
     return (f"iter {it + 1:>4}/{total} | reward {m.get('reward/combined', float('nan')):.3f} |{ev} "
             f"loss {m.get('loss/total', float('nan')):+.1e} | clip {m.get('loss/clip_frac', 0):.2f} | "
-            f"nfe {int(m.get('perf/nfe', 0))} | {m.get('perf/iter_s', 0):.2f} s/it | lag {int(m.get('staleness/max_lag', 0))}"
+            f"nfe {int(m.get('perf/nfe', 0))} | {m.get('time/iter_s', 0):.2f} s/it | lag {int(m.get('staleness/max_lag', 0))}"
             + (f" | eta {eta(left_s)}" if left_s is not None else ""))
 
 
@@ -140,39 +142,27 @@ def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]) -> tu
 
 # ----------------------------------------------------------------------------- run setup
 
-def redact_uri(uri: str | None) -> str | None:
-    """scheme://user:secret@host/...?secret_key=s -> scheme://***@host/...?secret_key=*** for anything
-    printed or returned."""
-    if not uri:
-        return uri
-    uri, q, query = str(uri).partition("?")
-    if q:
-        query = "&".join(f"{k}=***" if any(w in k.lower() for w in ("secret", "key", "token", "password", "session"))
-                         else f"{k}{e}{v}" for k, e, v in (p.partition("=") for p in query.split("&")))
-    head, sep, rest = uri.partition("://")
-    host, slash, path = rest.partition("/")
-    if sep and "@" in host:
-        uri = f"{head}://***@{host.rsplit('@', 1)[1]}{slash}{path}"
-    return uri + q + query
+redact_uri = storage.redact
 
 
 def redacted_config(cfg: Config) -> dict:
-    """to_dict(cfg) with every value `flatten` redacts (secret-like keys, URIs with credentials) masked."""
-    masked = {k for k, v in flatten(cfg).items() if v == "***"}
+    """to_dict(cfg) with every value `flatten` redacts (secret-like keys, credentials in URIs) masked as it does."""
+    shown, plain = flatten(cfg), flatten(cfg, redact=False)
 
     def walk(node, prefix):
         if isinstance(node, dict):
             return {k: walk(v, f"{prefix}{k}.") for k, v in node.items()}
         if isinstance(node, list) and node and isinstance(node[0], dict):
             return [walk(v, f"{prefix}{i}.") for i, v in enumerate(node)]
-        return "***" if prefix.rstrip(".") in masked else node
+        key = prefix.rstrip(".")
+        return shown[key] if shown.get(key) != plain.get(key) else node
     return walk(to_dict(cfg), "")
 
 
 def logged_through(tracker) -> int:
     """Last step this MLflow run has metrics for. A killed job may have logged iterations past its
     last checkpoint; a resume replays them exactly (same seed) but does not log them twice."""
-    history = tracker.mlflow.MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "perf/iter_s")
+    history = tracker.mlflow.MlflowClient(tracker.uri).get_metric_history(tracker.run_id, "time/iter_s")
     return max((m.step for m in history), default=0)
 
 
@@ -262,6 +252,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             m, images = evaluate(cfg, system, eval_prompts, held_out)
             tracker.log(m, step=0)
             tracker.log_image(images, "samples/eval", step=0)
+            report.save_grid(paths.run_dir, 0, images)  # the "before" half of samples.png
             history.append({"iteration": 0, **m})
         handle = system.launch(plan(cfg, train_prompts, start)) if start < cfg.iterations else None
         loop_t0 = time.perf_counter()
@@ -274,6 +265,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
                 if cfg.tracking.sample_grid_every and (step % cfg.tracking.sample_grid_every == 0 or
                                                        step == cfg.iterations) and step > logged:
                     tracker.log_image(images, "samples/eval", step=step)
+                if step == cfg.iterations:
+                    report.save_grid(paths.run_dir, step, images)  # the "after" half
             if step > logged:  # else: a replayed step the killed job already logged
                 tracker.log(m, step=step)
             history.append({"iteration": step, **m})
@@ -286,12 +279,40 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
         export_dir = system.export(storage.join(paths.run_dir, "export"))
         with storage.local_copy(export_dir) as local:
             tracker.log_artifacts(local, "final_model")
+        pngs = figures(cfg, paths, tracker)
+        pools = pool_diagnosis(cfg, history)
+        if pools:
+            print(f"treegrpo_ray: pools over this job's iterations: {pools}  (pool->N: the size that would keep "
+                  "that stage under 10% of the samplers')", file=out, flush=True)
         status = "FINISHED"
     finally:
         if system is not None:
             system.close()
         tracker.end(status)
-    return summarize(history, paths, tracker, export_dir)
+    return summarize(history, paths, tracker, export_dir) | {"figures": [redact_uri(p) for p in pngs], "pools": pools}
+
+
+def pool_diagnosis(cfg: Config, history: list[dict]) -> str:
+    """Which pool limited this job's iterations, and what pool sizes would not (Ray runs only:
+    in-process, the stages take turns on one machine)."""
+    rows = [h for h in history if "time/iter_s" in h]
+    if cfg.mode != "ray" or not rows:
+        return ""
+    p = cfg.pools
+    busy = {"sampler": sum(h["time/sample_s"] for h in rows), "reward": sum(h["time/reward_s"] for h in rows),
+            "learner": sum(h.get("time/learner_s", 0.0) for h in rows) * cfg.learner.workers}
+    actors = {"sampler": p.samplers, "reward": p.rewards, "learner": cfg.learner.workers}
+    return diagnose(busy, actors, wall_s=sum(h["time/iter_s"] for h in rows)).summary()
+
+
+def figures(cfg: Config, paths: RunPaths, tracker) -> list[str]:
+    """reward_curve.png and samples.png into the run dir, and into the MLflow run."""
+    history = tracker.history([k for k, _ in report.CURVES] + [report.TIME_KEY])
+    title = f"{cfg.tree.variant}, {storage.name(paths.run_dir)}"
+    written = report.write(paths.run_dir, history, cfg.iterations, title)
+    for location in written:
+        tracker.log_bytes(storage.read_bytes(location), storage.name(location), "report")
+    return written
 
 
 def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
@@ -312,8 +333,12 @@ def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
     if nxt is None and it + 1 < cfg.iterations:
         nxt = system.launch(plan(cfg, prompts, it + 1))
     wall = time.perf_counter() - t0
-    m.update({"perf/iter_s": wall, "time/sample_s": collected.sample_s, "time/reward_s": collected.reward_s,
+    m.update({"time/iter_s": wall, "time/sample_s": collected.sample_s, "time/reward_s": collected.reward_s,
               "perf/actor_restarts": float(collected.restarts), "weights/version": float(system.version)})
+    m.update({f"time/reward/{part}_s": s for part, s in collected.reward_parts.items()})  # decode, each scorer
+    checked = [b.extras["weights_verified"] for b in collected.batches if "weights_verified" in b.extras]
+    if checked:  # Ray: samplers checked the weights they loaded against the publish fingerprint
+        m["weights/verified_samplers"] = float(sum(checked))
     busy = collected.wall_s or wall
     m["perf/sampler_busy"] = min(1.0, collected.sample_s / max(busy, 1e-9) / cfg.pools.samplers)
     m["perf/reward_busy"] = min(1.0, collected.reward_s / max(busy, 1e-9) / cfg.pools.rewards)
@@ -341,6 +366,8 @@ def result_lines(cfg: Config, summary: dict) -> list[str]:
         lines.append(f'load it: from diffusers import DiffusionPipeline, SD3Transformer2DModel; pipe = DiffusionPipeline.'
                      f'from_pretrained("{base}", transformer=SD3Transformer2DModel.from_pretrained("{src}", '
                      'subfolder="transformer"))')
+    if summary.get("figures"):
+        lines.append(f"figures: {', '.join(summary['figures'])}")
     lines.append(f"checkpoints: {summary['run_dir'].split('?')[0].rstrip('/')}/checkpoints"
                  f" (resume: checkpoint.resume=latest tracking.run_name={storage.name(summary['run_dir'])})")
     lines.append(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (run {summary['mlflow_run_id']})")
@@ -354,4 +381,4 @@ def summarize(history: list[dict], paths: RunPaths, tracker, export_dir: str) ->
     return {"run_dir": redact_uri(paths.run_dir), "export_dir": redact_uri(export_dir),
             "mlflow_run_id": tracker.run_id, "mlflow_uri": redact_uri(tracker.uri),
             "eval_rewards": evals, "eval_held_out_rewards": held, "train_rewards": train, "iterations": len(train),
-            "iter_s": [h["perf/iter_s"] for h in history if "perf/iter_s" in h]}
+            "iter_s": [h["time/iter_s"] for h in history if "time/iter_s" in h]}

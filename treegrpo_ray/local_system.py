@@ -13,8 +13,9 @@ import torch
 from treegrpo_ray import builders
 from treegrpo_ray.checkpoint import export, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import Config
+from treegrpo_ray.rewards.reward_model import timings
 from treegrpo_ray.sampling.evaluate import ode_sample
-from treegrpo_ray.system import Collected, SampleRequest, split_leaves
+from treegrpo_ray.system import EVAL_GRID_IMAGES, Collected, SampleRequest, split_leaves
 
 
 @dataclass
@@ -60,9 +61,9 @@ class LocalSystem:
             t1 = time.perf_counter()
             batch, leaves = split_leaves(batch)
             prompts = [batch.prompts[i] for i in batch.leaf_prompt.tolist()]
-            scores = self.rewards.score_latents(leaves, prompts)
+            scores, metrics = self.rewards.score_latents_with_metrics(leaves, prompts)
             t2 = time.perf_counter()
-            out.add(batch, scores, sample_s=t1 - t0, reward_s=t2 - t1)
+            out.add(batch, scores, sample_s=t1 - t0, reward_s=t2 - t1, reward_parts=[timings(metrics)])
         return out
 
     def update(self, batch, leaf_advantages, iteration: int) -> dict[str, float]:
@@ -73,7 +74,7 @@ class LocalSystem:
 
     def evaluate(self, prompts: list[str], seed: int):
         latents = ode_sample(self.policy, prompts, num_steps=self.cfg.tree.num_steps, seed=seed)
-        return self.rewards.score_latents(latents, prompts), self.rewards.decoder.decode(latents[:16])
+        return self.rewards.score_latents(latents, prompts), self.rewards.decoder.decode(latents[:EVAL_GRID_IMAGES])
 
     def save(self, root, iteration: int, run_state: dict, keep: int):
         return save_checkpoint(root, iteration, model_state=self.policy.state_for_broadcast(),

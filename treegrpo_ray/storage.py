@@ -36,6 +36,25 @@ def _pa():
     return pyarrow.fs
 
 
+QUERY_SECRETS = ("secret", "key", "token", "password", "session", "credential")
+
+
+def redact(text: str | None) -> str | None:
+    """scheme://user:pass@host/p?secret_key=s -> scheme://***@host/p?secret_key=***, for anything
+    printed, logged or returned; other text unchanged."""
+    if not text or "://" not in str(text):
+        return text
+    uri, q, query = str(text).partition("?")
+    if q:
+        query = "&".join(f"{k}=***" if e and any(w in k.lower() for w in QUERY_SECRETS) else f"{k}{e}{v}"
+                         for k, e, v in (p.partition("=") for p in query.split("&")))
+    head, sep, rest = uri.partition("://")
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        uri = f"{head}://***@{host.rsplit('@', 1)[1]}{slash}{path}"
+    return uri + q + query
+
+
 def is_uri(location: str) -> bool:
     return "://" in str(location)
 
@@ -133,17 +152,25 @@ def list_dirs(location: str) -> list[str]:
     return [join(location, i.base_name) for i in infos if i.type == _pa().FileType.Directory]
 
 
-def write_text(location: str, text: str) -> None:
+def write_bytes(location: str, data: bytes) -> None:
     fs, path = filesystem(location)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+        f.write(data)
+
+
+def read_bytes(location: str) -> bytes:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_text(location: str, text: str) -> None:
+    write_bytes(location, text.encode())
 
 
 def read_text(location: str) -> str:
-    fs, path = filesystem(location)
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
+    return read_bytes(location).decode()
 
 
 def delete_dir(location: str) -> None:

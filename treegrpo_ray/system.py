@@ -11,6 +11,9 @@ import torch
 from treegrpo_ray.types import TreeBatch
 
 
+EVAL_GRID_IMAGES = 16  # eval images a system decodes for the sample grid
+
+
 @dataclass(frozen=True)
 class SampleRequest:
     """One sampler call: grow trees for these prompts with this window and noise seed."""
@@ -28,12 +31,17 @@ class Collected:
     reward_s: float = 0.0   # summed busy seconds of reward calls
     wall_s: float = 0.0     # launch -> all results in hand
     restarts: int = 0       # actor restarts observed while collecting
+    reward_parts: dict[str, float] = field(default_factory=dict)  # of reward_s: decode and each scorer
 
-    def add(self, batch: TreeBatch, rewards: dict[str, torch.Tensor], sample_s: float, reward_s: float) -> None:
+    def add(self, batch: TreeBatch, rewards: dict[str, torch.Tensor], sample_s: float, reward_s: float,
+            reward_parts: list[dict[str, float]] = ()) -> None:
         self.batches.append(batch)
         self.rewards.append(rewards)
         self.sample_s += sample_s
         self.reward_s += reward_s
+        for parts in reward_parts:
+            for name, seconds in parts.items():
+                self.reward_parts[name] = self.reward_parts.get(name, 0.0) + seconds
 
 
 def split_leaves(batch: TreeBatch) -> tuple[TreeBatch, torch.Tensor]:
@@ -71,7 +79,7 @@ class System(Protocol):
         """One GRPO update on the batch's decisions; publishes the new weights; returns metrics."""
 
     def evaluate(self, prompts: list[str], seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """ODE samples of the current weights: per-scorer rewards (B,) and up to 16 images."""
+        """ODE samples of the current weights: per-scorer rewards (B,) and the first EVAL_GRID_IMAGES images."""
 
     def save(self, root: str, iteration: int, run_state: dict, keep: int) -> Any:
         """Checkpoint to root/iter_<iteration> atomically, prune to `keep`; returns its location."""

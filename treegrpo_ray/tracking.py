@@ -85,6 +85,17 @@ class Tracker:
     def log_artifacts(self, path: str | Path, artifact_path: str) -> None:
         self.mlflow.log_artifacts(str(path), artifact_path=artifact_path)
 
+    def log_bytes(self, data: bytes, filename: str, artifact_path: str | None = None) -> None:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="treegrpo-art-") as d:
+            (Path(d) / filename).write_bytes(data)
+            self.mlflow.log_artifact(str(Path(d) / filename), artifact_path=artifact_path)
+
+    def history(self, keys) -> dict[str, list[tuple[int, float]]]:
+        """{key: [(step, value)]} of this run (all of it, including a resumed run's earlier part)."""
+        client = self.mlflow.MlflowClient(self.uri)
+        return {k: [(m.step, m.value) for m in client.get_metric_history(self.run_id, k)] for k in keys}
+
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
 

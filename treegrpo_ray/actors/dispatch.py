@@ -54,7 +54,8 @@ def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started:
         parts = [scores[(i, c)] for c in range(chunks)]
         merged = {n: torch.cat([p[0][n] for p in parts]) for n in parts[0][0]}
         batch = batches[i]
-        out.add(batch, merged, sample_s=batch.extras.get("sample_s", 0.0), reward_s=sum(p[1] for p in parts))
+        out.add(batch, merged, sample_s=batch.extras.get("sample_s", 0.0), reward_s=sum(p[1] for p in parts),
+                reward_parts=[p[4] for p in parts])
         out.restarts += int(batch.extras.get("reconstructed", 0.0)) + sum(int(p[2]) for p in parts)
     out.wall_s = time.perf_counter() - started
     return out

@@ -17,8 +17,11 @@ from pathlib import Path
 MARK = "treegrpo_driver.json"
 
 
-def record_session(session_dir: str) -> None:
+def record_session() -> None:
+    """Mark the instance this process just started (ray.init) as this driver's."""
     import psutil
+    import ray
+    session_dir = ray._private.worker._global_node.get_session_dir_path()
     me = psutil.Process()
     Path(session_dir, MARK).write_text(json.dumps({"pid": me.pid, "create_time": me.create_time()}))
 

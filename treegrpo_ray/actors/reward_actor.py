@@ -9,6 +9,7 @@ import torch
 from treegrpo_ray import builders
 from treegrpo_ray.actors.weight_store import reconstructed
 from treegrpo_ray.config import from_dict
+from treegrpo_ray.rewards.reward_model import timings
 
 
 class RewardActor:
@@ -19,12 +20,13 @@ class RewardActor:
         self.restarted = reconstructed()  # reported with the next result, once per restart
 
     def score(self, latents: torch.Tensor, prompts: list[str], num_images: int = 0):
-        """-> (rewards per scorer, busy seconds, restarted since the last call?, first `num_images` decoded images)."""
+        """-> (rewards per scorer, busy seconds, restarted since the last call?, first `num_images`
+        decoded images, seconds per part {"decode": s, <scorer>: s, ...})."""
         t0 = time.perf_counter()
-        scores = self.model.score_latents(latents, prompts)
+        scores, metrics = self.model.score_latents_with_metrics(latents, prompts)
         images = self.model.decoder.decode(latents[:num_images]) if num_images else None
         restarted, self.restarted = self.restarted, False
-        return scores, time.perf_counter() - t0, restarted, images
+        return scores, time.perf_counter() - t0, restarted, images, timings(metrics)
 
     def ready(self) -> bool:
         return True

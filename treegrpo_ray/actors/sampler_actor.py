@@ -1,5 +1,6 @@
 """Sampler actor: a thin shell around `TreeSampler` that pulls the newest weights before each
-call and returns leaf latents as separate objects, so the driver can route them to the reward
+call (checking them against the publisher's fingerprint: a load that binds nothing stops the
+run) and returns leaf latents as separate objects, so the driver can route them to the reward
 pool by reference without ever fetching them."""
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ class SamplerActor:
         self.policy = builders.build_policy(self.cfg)
         self.sampler = builders.build_sampler(self.cfg, self.policy)
         self.store, self.num_chunks, self.version = ray.get_actor(store_name), num_chunks, -1
+        self.verified = False  # the loaded version was checked against its publish fingerprint
         self.restarted = reconstructed()  # reported with the next batch, once per restart
 
     def _pull(self) -> None:
         newest = ray.get(self.store.latest.remote(self.version))
         if newest is not None:
-            version, (ref,) = newest
-            self.policy.load_broadcast_state(unpack_state(ray.get(ref)))
-            self.version = version
+            version, (ref,), expected = newest
+            self.policy.load_broadcast_state(unpack_state(ray.get(ref)), expected, version)
+            self.version, self.verified = version, expected is not None
 
     def sample(self, prompts: list[str], window_start: int, seed: int):
         """-> (batch without leaves, leaf chunk 0, ..., leaf chunk n-1)."""
@@ -40,6 +42,7 @@ class SamplerActor:
         batch, leaves = split_leaves(batch)
         batch.extras["sample_s"] = time.perf_counter() - t0
         batch.extras["reconstructed"], self.restarted = float(self.restarted), False
+        batch.extras["weights_verified"] = float(self.verified)
         return (batch, *torch.tensor_split(leaves, self.num_chunks))
 
     def evaluate(self, prompts: list[str], seed: int) -> torch.Tensor:

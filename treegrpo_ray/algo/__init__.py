@@ -5,17 +5,15 @@ ODE / DDIM step with log-prob (`sde`), reward normalisation and value propagatio
 This package imports only torch and the standard library (no ray, mlflow, diffusers, config);
 tests/test_layering.py enforces it.
 """
-from treegrpo_ray.algo.advantages import (edge_advantages, edge_advantages_recursive, flat_advantages,
-                                          node_depths, normalize_per_prompt)
+from treegrpo_ray.algo.advantages import edge_advantages, edge_advantages_recursive, node_depths, normalize_per_prompt
 from treegrpo_ray.algo.loss import grpo_clip_loss, kl_to_reference
 from treegrpo_ray.algo.sde import (SDEStep, ddim_step_with_logprob, flow_ode_step, flow_sde_step,
                                    gaussian_log_prob)
-from treegrpo_ray.algo.tree import (TreeShape, build_tree, choose_window, count_nfe, count_nfe_flat,
-                                    sde_mask)
+from treegrpo_ray.algo.tree import TreeShape, build_tree, choose_window, count_nfe, count_nfe_flat
 
 __all__ = [
     "SDEStep", "TreeShape", "build_tree", "choose_window", "count_nfe", "count_nfe_flat",
-    "ddim_step_with_logprob", "edge_advantages", "edge_advantages_recursive", "flat_advantages",
+    "ddim_step_with_logprob", "edge_advantages", "edge_advantages_recursive",
     "flow_ode_step", "flow_sde_step", "gaussian_log_prob", "grpo_clip_loss", "kl_to_reference",
-    "node_depths", "normalize_per_prompt", "sde_mask",
+    "node_depths", "normalize_per_prompt",
 ]

@@ -19,8 +19,8 @@ Implements (DESIGN.md §1):
 Conventions / departures:
 * A prompt with a single leaf (or zero spread with eps = 0) gets advantage 0, not NaN.
 * Statistics are computed in float64; results come back in float32.
-* `flat_advantages` (Flow-GRPO / DanceGRPO baseline) is exactly `normalize_per_prompt` on
-  trajectory rewards; the learner gives every trained step of a trajectory that advantage.
+* The flat baseline (Flow-GRPO / DanceGRPO) uses `normalize_per_prompt` on trajectory rewards;
+  the learner gives every trained step of a trajectory that advantage (a chain's only leaf).
 """
 from __future__ import annotations
 
@@ -73,13 +73,6 @@ def normalize_per_prompt(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: f
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.float()
-
-
-def flat_advantages(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: float = 1e-4,
-                    clip: float | None = None, std: str = "prompt") -> torch.Tensor:
-    """Per-trajectory advantage of the flat GRPO baseline (Flow-GRPO / DanceGRPO): the per-prompt
-    normalised reward of each trajectory. Identical to `normalize_per_prompt`, named for call sites."""
-    return normalize_per_prompt(rewards, prompt_ids, eps=eps, clip=clip, std=std)
 
 
 def _check_forest(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str, log_probs, temperature) -> None:

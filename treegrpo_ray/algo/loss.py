@@ -5,7 +5,7 @@ Implements (DESIGN.md §1):
 * the PPO/GRPO clipped objective (Schulman et al. 2017, Eq. 7; as used by DDPO, Flow-GRPO,
   DanceGRPO and TreeGRPO), written term by term in CleanRL's names:
   logratio = logp_new - logp_old, ratio = exp(logratio),
-  pg_loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), averaged (or summed) over
+  pg_loss = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), averaged over
   every trained edge; diagnostics clip_frac = mean(|ratio - 1| > eps) and
   approx_kl = mean((ratio - 1) - logratio) (Schulman's k3 estimator, CleanRL's `approx_kl`);
 * the KL to a reference policy in Flow-GRPO's closed form for two Gaussians with the same std:
@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 
-def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_eps: float,
-                   reduction: str = "mean") -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped surrogate loss over edges. logp_new, logp_old: any shape, e.g. (N, K);
+def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
+                   clip_eps: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped surrogate loss averaged over edges. logp_new, logp_old: any shape, e.g. (N, K);
     advantages broadcastable to it. Returns (scalar loss, metrics of python floats)."""
     if logp_old.shape != logp_new.shape:
         raise ValueError(f"logp_old shape {tuple(logp_old.shape)} differs from logp_new {tuple(logp_new.shape)}")
@@ -36,15 +36,13 @@ def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
         raise ValueError("grpo_clip_loss got no edges to train on")
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     adv = advantages.detach().float()
     logratio = logp_new.float() - logp_old.detach().float()
     ratio = torch.exp(logratio)
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     pg_loss = torch.max(pg_loss1, pg_loss2)
-    loss = pg_loss.mean() if reduction == "mean" else pg_loss.sum()
+    loss = pg_loss.mean()
     with torch.no_grad():
         metrics = {
             "clip_frac": ((ratio - 1.0).abs() > clip_eps).float().mean().item(),

@@ -112,12 +112,6 @@ def build_tree(num_steps: int, k: int, depth: int, window_start: int) -> TreeSha
                      parent=parent, depth=node_depth, step=node_depth + window_start)
 
 
-def sde_mask(num_steps: int, depth: int, window_start: int) -> list[bool]:
-    """mask[i] is True when step i (sigmas[i] -> sigmas[i+1]) is stochastic: i in [p, p + d)."""
-    _check_tree_args(num_steps, 2, depth, window_start)
-    return [window_start <= i < window_start + depth for i in range(num_steps)]
-
-
 def choose_window(num_steps: int, depth: int, mode: str, *, generator: torch.Generator | None = None,
                   iteration: int = 0, shift_every: int = 1, max_start: int | None = None) -> int:
     """Start p of this iteration's SDE window, in [0, max_start] (default max_start = T - d).

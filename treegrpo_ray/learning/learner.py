@@ -1,14 +1,17 @@
 """The GRPO learner step over tree edges (no Ray; Ray Train wraps it in actors/train_loop.py).
 
 One iteration, as in the paper (TreeGRPO, Alg. 1):
-  1. leaf rewards -> per-prompt normalised leaf advantages (rewards/combine.py)
+  1. leaf rewards -> per-prompt normalised leaf advantages (algo/combine.py)
   2. leaf values -> node values by weighted averaging up the tree (algo.advantages.edge_advantages);
      the advantage of edge u -> c is V(c)
   3. for every decision u, ONE forward of the current policy at (x_u, t_u) gives mu_theta; the
      stored children are re-scored under it, ratio = exp(logp_new - logp_old), and the clipped
      surrogate is averaged over the K children and all decisions (algo.loss.grpo_clip_loss).
 Departures: none in the maths; the update guard (skip non-finite or exploding updates, stop after
-`max_bad_updates` in a row) is ours, so a bad batch never reaches the weights.
+`max_bad_updates` in a row) is ours, so a bad batch never reaches the weights, and so is the
+check that an optimizer step changed the policy's live weights at all (fingerprints before and
+after: an optimizer bound to copies, or a learning rate below the weights' dtype resolution,
+stops the run instead of training nothing).
 """
 from __future__ import annotations
 
@@ -22,11 +25,17 @@ import torch
 from treegrpo_ray.algo.advantages import edge_advantages
 from treegrpo_ray.algo.loss import grpo_clip_loss, kl_to_reference
 from treegrpo_ray.algo.sde import flow_sde_step
+from treegrpo_ray.algo.seeds import iteration_seed
+from treegrpo_ray.models.fingerprint import differing, digest, fingerprint
 from treegrpo_ray.types import TreeBatch
 
 
 class TrainingDiverged(RuntimeError):
     """Raised after `max_bad_updates` consecutive skipped updates."""
+
+
+class UpdateChangedNothing(TrainingDiverged):
+    """An optimizer step with a non-zero gradient left every weight of the policy as it was."""
 
 
 def decision_advantages(batch: TreeBatch, leaf_advantages: torch.Tensor, *, weighting: str = "uniform",
@@ -93,18 +102,41 @@ class GRPOLearner:
                              "minibatches; the config check should have caught this (learner.minibatches)")
         device = self._device()
         metrics: list[dict[str, float]] = []
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        before = fingerprint(self.policy.live_state())
+        gen = torch.Generator().manual_seed(iteration_seed(self.seed, iteration))
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=gen)  # same on every rank (same seed)
             mine = order[self.rank::self.world_size]
             for rows in mine.chunk(self.minibatches):
                 metrics.append(self._step(batch, adv, rows, device))
+        after = fingerprint(self.policy.live_state())
+        self._check_changed(before, after, metrics, bool(adv.abs().sum() > 0))
         self.version += 1
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        out["weights/fingerprint"] = float(int(digest(after), 16))  # 48 bits: exact as a float64 metric
         out["learner/skipped_updates"] = float(sum(m["learner/skipped"] for m in metrics))
         out["learner/decisions"] = float(n)
         out["adv/mean"], out["adv/abs_mean"] = float(adv.mean()), float(adv.abs().mean())
         return out
+
+    def _check_changed(self, before, after, metrics: list[dict[str, float]], signal: bool) -> None:
+        """Stop if the update could not have trained the model: advantages but no gradient at the
+        optimizer's tensors, or steps that left every live weight as it was."""
+        applied = [m for m in metrics if not m["learner/skipped"]]
+        if signal and applied and all(m["learner/grad_norm"] == 0 for m in applied):
+            raise UpdateChangedNothing(
+                f"update {self.version + 1} had non-zero advantages but no gradient reached the optimizer's "
+                f"{len(self.params)} tensors: they are not the ones the policy's forward pass uses (a wrapper or copy "
+                "of its parameters), or every trainable parameter is frozen.")
+        stepped = [m["learner/grad_norm"] for m in applied if m["learner/grad_norm"] > 0]
+        lr = max((g["lr"] for g in self.optimizer.param_groups), default=0.0)
+        if stepped and lr > 0 and not differing(before, after):
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.params})
+            raise UpdateChangedNothing(
+                f"update {self.version + 1} took {len(stepped)} optimizer steps (grad norm up to {max(stepped):.3g}) "
+                "but no weight of the policy's transformer changed. Either the optimizer holds tensors the model does "
+                f"not run (a wrapper or copy of its parameters), or learner.lr={lr:g} is below what the weights' dtype "
+                f"({', '.join(dtypes)}) can represent: train in model.dtype=float32 or raise learner.lr.")
 
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")

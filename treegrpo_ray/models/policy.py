@@ -29,27 +29,12 @@ from pathlib import Path
 
 import torch
 
+from treegrpo_ray.models.devices import resolve_device, resolve_dtype
+from treegrpo_ray.models.fingerprint import Fingerprint, fingerprint, verify
 from treegrpo_ray.models.lora import adapters_disabled, add_lora, export_lora
 from treegrpo_ray.models.prompts import PromptCache
 
 SUPPORTED_FLOW_PIPELINES = ("StableDiffusion3Pipeline",)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def dtype_kwargs(dtype: torch.dtype) -> dict:
     """diffusers renamed `torch_dtype` to `dtype` (deprecating the old name); pass whichever it takes."""
     try:
@@ -77,6 +62,13 @@ def _load_flow_pipeline(path_or_id: str, dtype: torch.dtype):
         vae_scale_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     pipe = DiffusionPipeline.from_pretrained(path_or_id, **dtype_kwargs(dtype), **{**absent, "vae": None})
     return pipe, vae_scale_factor
+
+
+def _tensor_named(module: torch.nn.Module, name: str) -> torch.Tensor:
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return module.get_buffer(name)
 
 
 class DiffusionPolicy:
@@ -208,9 +200,22 @@ class DiffusionPolicy:
         contiguous CPU copies (safe to `ray.put` while training goes on)."""
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._broadcast_source().items()}
 
+    def live_state(self) -> dict[str, torch.Tensor]:
+        """The broadcast tensors looked up by name on the transformer the forward pass runs (not
+        through `_broadcast_source`, the path loading writes through): what a fingerprint of
+        loaded weights must be computed from."""
+        names = self._trainable if self.lora else list(self.transformer.state_dict(keep_vars=True))
+        return {n: _tensor_named(self.transformer, n) for n in names}
+
+    def fingerprint(self) -> Fingerprint:
+        return fingerprint(self.live_state())
+
     @torch.no_grad()
-    def load_broadcast_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a `state_for_broadcast()` dict in. Wrong keys or shapes raise ValueError."""
+    def load_broadcast_state(self, state: dict[str, torch.Tensor], expected: Fingerprint | None = None,
+                             version: int = -1) -> None:
+        """Copy a `state_for_broadcast()` dict in. Wrong keys or shapes raise ValueError. With the
+        publisher's fingerprint, the live weights are checked against it afterwards
+        (WeightSyncError on any difference)."""
         target = self._broadcast_source()
         missing, extra = sorted(set(target) - set(state)), sorted(set(state) - set(target))
         if missing or extra:
@@ -223,6 +228,8 @@ class DiffusionPolicy:
                              f"expected {tuple(target[bad[0]].shape)}")
         for k, t in target.items():
             t.copy_(state[k])
+        if expected is not None:
+            verify(expected, self.fingerprint(), version=version, where="this policy's transformer")
 
     def export(self, out_dir: str | Path) -> Path:
         """Write the trained result for plain diffusers.

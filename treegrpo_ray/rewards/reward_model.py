@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from treegrpo_ray.rewards.decode import LatentDecoder
+from treegrpo_ray.rewards.kinds import REWARD_KINDS
 from treegrpo_ray.rewards.scorers import (ClipScoreScorer, HPSv2Scorer, JpegCompressibility, JpegIncompressibility,
                                           MiniatureScorer, Scorer, check_batch)
 
@@ -35,7 +36,8 @@ _KINDS = {
     "jpeg_incompressibility": (JpegIncompressibility, {"quality": "quality", "batch_size": "batch_size"}, False, False),
     "miniature": (MiniatureScorer, {"checkpoint": "reward_dir", "batch_size": "batch_size"}, True, False),
 }
-REWARD_KINDS = tuple(_KINDS)
+if set(_KINDS) != set(REWARD_KINDS):  # one list of names for config validation and for building
+    raise ImportError(f"reward kinds disagree: built {sorted(_KINDS)}, configurable {sorted(REWARD_KINDS)}")
 
 
 class RewardModel:
@@ -63,7 +65,7 @@ class RewardModel:
         for name, scorer in self.scorers.items():
             t0 = time.perf_counter()
             scores[name] = scorer(images, prompts)                         # (B,)
-            metrics[f"perf/reward/{name}_s"] = time.perf_counter() - t0
+            metrics[f"time/reward/{name}_s"] = time.perf_counter() - t0
             metrics[f"reward/{name}/nonfinite"] = float((~torch.isfinite(scores[name])).sum())
         return scores, metrics
 
@@ -78,7 +80,7 @@ class RewardModel:
         images = self.decoder.decode(latents)                              # (B, 3, H, W)
         decode_s = time.perf_counter() - t0
         scores, metrics = self.score_images_with_metrics(images, prompts)
-        metrics["perf/reward/decode_s"] = decode_s
+        metrics["time/reward/decode_s"] = decode_s
         return scores, metrics
 
     def score_images(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -86,6 +88,12 @@ class RewardModel:
 
     def score_latents(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         return self.score_latents_with_metrics(latents, prompts)[0]
+
+
+def timings(metrics: dict[str, float]) -> dict[str, float]:
+    """The time/reward/<part>_s entries of score_*_with_metrics -> {part: seconds}."""
+    return {k[len("time/reward/"):-len("_s")]: v for k, v in metrics.items()
+            if k.startswith("time/reward/") and k.endswith("_s")}
 
 
 def _spec_dict(spec) -> dict:

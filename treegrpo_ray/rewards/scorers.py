@@ -11,7 +11,7 @@ Implemented rewards and their sources:
   w = 2.5, or the raw cosine with `raw_cosine=True`.
 * `JpegCompressibility` / `JpegIncompressibility` -- DDPO (Black et al. 2023): -/+ the size in
   kB (bytes / 1000) of the image saved by PIL as JPEG at quality 95 after rounding to uint8.
-* `MiniatureScorer` -- the miniature world's reward (`treegrpo_ray.toy.reward.MiniatureReward`).
+* `MiniatureScorer` -- the miniature world's reward (`treegrpo_ray.miniature.reward.MiniatureReward`).
 
 Common contract (enforced by `Scorer.__call__`): images must be a float (B, 3, H, W) tensor with
 B > 0 and values in [0, 1] (a [-1, 1] image is an error, not a silent shift); prompts a list of B
@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from treegrpo_ray.miniature import REWARD_DIR
 from treegrpo_ray.rewards.open_clip_loader import load_open_clip, resolve_checkpoint
 
 _RANGE_TOL = 1e-3
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_HF_REPO = "xswu/HPSv2"
-DEFAULT_MINIATURE_DIR = Path(__file__).resolve().parent.parent / "assets" / "miniature" / "reward"
+DEFAULT_MINIATURE_DIR = Path(REWARD_DIR)
 
 
 def check_batch(images: torch.Tensor, prompts: list[str]) -> None:
@@ -179,12 +180,12 @@ class MiniatureScorer(Scorer):
 
     def __init__(self, reward_dir: str | Path | None = None, *, device="cpu", batch_size: int = 64):
         super().__init__(batch_size)
-        from treegrpo_ray.toy.reward import MiniatureReward   # toy/ is optional for the other rewards
+        from treegrpo_ray.miniature.reward import MiniatureReward   # only the miniature reward needs it
 
         reward_dir = Path(reward_dir) if reward_dir is not None else DEFAULT_MINIATURE_DIR
         if not reward_dir.is_dir():
             raise FileNotFoundError(f"miniature reward directory not found: '{reward_dir}' (the package ships it "
-                                    f"at {DEFAULT_MINIATURE_DIR}; rebuild it with the toy world's training script)")
+                                    f"at {DEFAULT_MINIATURE_DIR}; rebuild it with `python -m tools.miniature.build` from a checkout)")
         self.device = torch.device(device)
         self.reward = MiniatureReward.from_dir(reward_dir, device=self.device)
 

@@ -29,8 +29,6 @@ into autograd). The batch is returned on CPU, ready for `ray.put`.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from treegrpo_ray.algo.sde import flow_ode_step, flow_sde_step
@@ -44,7 +42,7 @@ class TreeSampler:
     """One sampler, three shapes (`variant`). See the module docstring for each.
 
     num_steps T, k (tree branching), depth d (window length), noise_level eta; group_size:
-    trajectories per group for flat/mix (0 = k**depth, the tree's leaf count);
+    trajectories per group for flat/mix (>= 2; config's tree.leaves_per_tree resolves its default);
     trees_per_prompt: trees (tree) or groups (flat/mix) per prompt; train_fraction: flat's
     trained share of steps; max_batch: most nodes per velocity call (None/0 = no limit).
     """
@@ -59,12 +57,14 @@ class TreeSampler:
             raise ValueError(f"depth must be in [1, num_steps={num_steps}], got {depth}")
         if not 0 < train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        if variant != "tree" and group_size < 2:
+            raise ValueError(f"flat/mix need group_size >= 2 trajectories per group, got {group_size}")
         if trees_per_prompt < 1:
             raise ValueError(f"trees_per_prompt must be >= 1, got {trees_per_prompt}")
         self.policy, self.variant = policy, variant
         self.num_steps, self.k, self.depth = num_steps, k, depth
         self.noise_level, self.reduction = float(noise_level), logprob_reduction
-        self.group_size = group_size or k ** depth
+        self.group_size = group_size
         self.trees_per_prompt = trees_per_prompt
         self.train_fraction, self.share_initial_noise = train_fraction, share_initial_noise
         self.max_batch = max_batch or None
@@ -108,12 +108,10 @@ class TreeSampler:
         prompt_ids = torch.tensor([distinct.index(p) for p in prompts], dtype=torch.long)  # (P,)
         gen = torch.Generator().manual_seed(int(seed))
         self.nfe = 0
-        start = time.perf_counter()
         grow = self._grow_tree if self.variant == "tree" else self._grow_chains
         batch = grow(distinct, prompt_ids, window_start, gen)
         batch.policy_version, batch.nfe, batch.variant = int(policy_version), self.nfe, self.variant
-        batch.extras = {"window_start": float(window_start), "sample_seconds": time.perf_counter() - start,
-                        "nfe": float(self.nfe), "leaves": float(batch.num_leaves)}
+        batch.extras = {"window_start": float(window_start)}
         return batch.validate()
 
     # ------------------------------------------------------------------ tree

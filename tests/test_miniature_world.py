@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from treegrpo_ray.toy import world
-from treegrpo_ray.toy.tokenizer import build_t5_tokenizer, build_tokenizer, clip_vocab_and_merges
+from treegrpo_ray.miniature import world
+from tools.miniature.tokenizer import build_t5_tokenizer, build_tokenizer, clip_vocab_and_merges
 
 RED = torch.tensor(world.COLOURS["red"])
 BLUE = torch.tensor(world.COLOURS["blue"])

@@ -26,7 +26,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5Tokenizer)
 
-from treegrpo_ray.toy import MAX_SEQUENCE_LENGTH as _MAX_SEQUENCE_LENGTH
+from treegrpo_ray.miniature import MAX_SEQUENCE_LENGTH as _MAX_SEQUENCE_LENGTH
 
 TEXT_HIDDEN = (32, 48)          # text_encoder, text_encoder_2
 JOINT_ATTENTION_DIM = 96        # >= sum(TEXT_HIDDEN); the rest is zero padding, as in SD3

@@ -1,6 +1,6 @@
 """Measure the miniature world: reward of real (rendered) images vs samples of the base model.
 
-    python -m treegrpo_ray.toy.evaluate [--assets treegrpo_ray/assets/miniature] [--split held_out]
+    python -m tools.miniature.evaluate [--assets treegrpo_ray/assets/miniature] [--split held_out]
 
 Samples come from the shipped pipeline's own `StableDiffusion3Pipeline.__call__` (Euler,
 `--steps` 10, CFG `--guidance-scale` 4.5, max_sequence_length 16, 32x32), i.e. the plain ODE
@@ -15,9 +15,9 @@ import os
 
 import torch
 
-from treegrpo_ray.toy import ASSETS_DIR, world
-from treegrpo_ray.toy.components import MAX_SEQUENCE_LENGTH
-from treegrpo_ray.toy.reward import MiniatureReward
+from treegrpo_ray.miniature import ASSETS_DIR, world
+from tools.miniature.components import MAX_SEQUENCE_LENGTH
+from treegrpo_ray.miniature.reward import MiniatureReward
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
-"""The miniature world: a synthetic coloured-shapes text-to-image domain, a tiny SD3 pipeline
-trained on it, and a tiny open_clip reward for it (DESIGN.md §3). The trained assets ship in
-`treegrpo_ray/assets/miniature/`; `python -m treegrpo_ray.toy.build` rebuilds them and
-`python -m treegrpo_ray.toy.evaluate` measures them. Importing this package stays light (no
-diffusers / open_clip until a submodule needs them).
+"""The miniature world: a synthetic coloured-shapes text-to-image domain (`world`: renderer,
+prompts, splits) and the reward trained for it (`reward`), with the tiny SD3 pipeline built on it
+(DESIGN.md §3). The trained assets ship in `treegrpo_ray/assets/miniature/` (this module names
+their paths, the only place that does); `python -m tools.miniature.build` rebuilds them from a
+checkout. Importing this package stays light (no diffusers / open_clip).
 """
 from __future__ import annotations
 

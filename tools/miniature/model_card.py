@@ -1,9 +1,10 @@
-"""Write MODEL_CARD.md for the miniature assets from a build report (see `toy/build.py`)."""
+"""Write MODEL_CARD.md for the miniature assets from a build report (see `build.py`)."""
 from __future__ import annotations
 
 import os
 
-from treegrpo_ray.toy import components, world
+from tools.miniature import components
+from treegrpo_ray.miniature import world
 
 
 def _dir_mb(path: str) -> float:
@@ -29,7 +30,7 @@ def write_model_card(out: str, report: dict) -> str:
         "the project on CPU. Built by (nothing downloaded):",
         "",
         "```",
-        f"python -m treegrpo_ray.toy.build --out treegrpo_ray/assets/miniature --seed {report['seed']} "
+        f"python -m tools.miniature.build --out treegrpo_ray/assets/miniature --seed {report['seed']} "
         f"--vae-steps {steps['vae']} --reward-steps {steps['reward']} --flow-steps {steps['flow']} "
         f"--per-prompt {report['per_prompt']} --threads {report['threads']}",
         "```",
@@ -43,8 +44,8 @@ def write_model_card(out: str, report: dict) -> str:
         f"`{world.TEMPLATE}` over colours {', '.join(world.COLOURS)} and shapes "
         f"{', '.join(world.SHAPES)}: {len(world.all_prompts())} prompts, "
         f"{len(world.all_prompts()) - world.HELD_OUT_COUNT} train / {world.HELD_OUT_COUNT} held out "
-        "(unseen combinations; `treegrpo_ray.toy.world.split_prompts()`). 32x32 RGB, position/size "
-        "jitter. Code: `treegrpo_ray/toy/world.py`.",
+        "(unseen combinations; `treegrpo_ray.miniature.world.split_prompts()`). 32x32 RGB, position/size "
+        "jitter. Code: `treegrpo_ray/miniature/world.py`.",
         "",
         "## pipeline/ (`StableDiffusion3Pipeline.from_pretrained`)",
         f"- transformer: SD3Transformer2DModel, {p['transformer'] / 1e6:.2f} M params, 6 layers, "
@@ -73,11 +74,11 @@ def write_model_card(out: str, report: dict) -> str:
         f"table. Trained {steps['reward']} steps of 128 (lr 2e-3, cosine) on the training prompts only, "
         "with VAE-reconstruction / noise / blur augmentation. Reward = softmax over the 144 world "
         "prompts of logit_scale x cosine, taken at the given prompt (in [0, 1]); "
-        "`treegrpo_ray.toy.reward.MiniatureReward`. Top-1 over all 144 prompts on fresh renders:"
+        "`treegrpo_ray.miniature.reward.MiniatureReward`. Top-1 over all 144 prompts on fresh renders:"
         f" train prompts {m['reward/top1_train_vs_all']:.3f}, held-out prompts "
         f"{m['reward/top1_held_out_vs_all']:.3f}; logit scale {m['reward/logit_scale']:.1f}.",
         "",
-        "## Measured (`python -m treegrpo_ray.toy.evaluate --split held_out|train`)",
+        "## Measured (`python -m tools.miniature.evaluate --split held_out|train`)",
     ]
     for split, e in ev.items():
         s = e["setup"]

@@ -1,5 +1,6 @@
-"""Which pool limits an iteration? A pure function over measured busy times (no Ray import), so
-the driver can log it each iteration and the scale-by-simulation benchmark can print it.
+"""Which pool limits an iteration? A pure function over measured busy times (no Ray import): the
+driver prints it at the end of a Ray run (over all its iterations) and the scale-by-simulation
+benchmark prints it per layout.
 
 Model: an iteration is a pipeline of pools (samplers -> rewards -> learner). Pool p with n_p
 actors and summed busy seconds b_p needs at least `stage_s = b_p / n_p` of the iteration's wall

@@ -87,5 +87,5 @@ def combine_rewards(raw: dict[str, torch.Tensor], weights: dict[str, float], pro
                 raise ValueError(f"clip must be > 0 or None, got {clip}")
             a = a.clamp(-clip, clip)
     adv[mask] = a.float().to(adv.device)
-    metrics["advantage/abs_mean"] = float(adv[mask].abs().mean())
+    metrics["adv/leaf_abs_mean"] = float(adv[mask].abs().mean())
     return adv, metrics

@@ -1,6 +1,6 @@
 """Build the shipped miniature assets from scratch: tokenizer, text encoders, VAE, flow model, reward.
 
-    python -m treegrpo_ray.toy.build --out treegrpo_ray/assets/miniature --seed 0
+    python -m tools.miniature.build --out treegrpo_ray/assets/miniature --seed 0
 
 Stages (each deterministic given --seed; wall time depends on the CPU):
   1. CLIP BPE tokenizer from open_clip's merges file, a tiny T5 Unigram tokenizer; two CLIP text
@@ -22,13 +22,14 @@ import time
 
 import torch
 
-from treegrpo_ray.toy import components, world
-from treegrpo_ray.toy.evaluate import evaluate
-from treegrpo_ray.toy.model_card import write_model_card
-from treegrpo_ray.toy.tokenizer import build_t5_tokenizer, build_tokenizer
-from treegrpo_ray.toy.train_flow import train_flow
-from treegrpo_ray.toy.train_reward import build_reward_model, save_reward_dir, top1_accuracy, train_reward
-from treegrpo_ray.toy.train_vae import encode_latents, reconstruct, set_latent_stats, train_vae
+from tools.miniature import components
+from treegrpo_ray.miniature import world
+from tools.miniature.evaluate import evaluate
+from tools.miniature.model_card import write_model_card
+from tools.miniature.tokenizer import build_t5_tokenizer, build_tokenizer
+from tools.miniature.train_flow import train_flow
+from tools.miniature.train_reward import build_reward_model, save_reward_dir, top1_accuracy, train_reward
+from tools.miniature.train_vae import encode_latents, reconstruct, set_latent_stats, train_vae
 
 
 def render_pool(prompts: list[str], per_prompt: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,128 @@
+"""The learner as the driver sees it: a Ray Train `TorchTrainer` running `train_loop.learner_loop`
+on W workers for the whole run, one inbox queue per rank and one outbox, the typed commands of
+`learner_protocol`, and replay of the pending command when Ray Train restarts the group."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from ray.util.queue import Empty, Queue
+
+from treegrpo_ray import storage
+from treegrpo_ray.actors.learner_protocol import REPLY, Envelope, Export, Failed, Ready, Save, Stop, Update, Updated
+from treegrpo_ray.actors.train_loop import learner_loop
+from treegrpo_ray.config import Config
+
+REPLY_TIMEOUT_S = float(os.environ.get("TREEGRPO_REPLY_TIMEOUT_S", "1800"))
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, cfg_dict: dict, store, resume_from=None):
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        lr = cfg.learner
+        self.cfg = cfg
+        self.inboxes = [Queue() for _ in range(lr.workers)]
+        self.outbox = Queue()
+        self.seq, self.version, self.pending = 0, 0, None
+        self.checkpoint = str(resume_from) if resume_from else None  # newest checkpoint of this run
+        self.pid, self.restarts = 0, 0
+        res = {"CPU": lr.resources.num_cpus, **lr.resources.resources}
+        if lr.resources.num_gpus:
+            res["GPU"] = lr.resources.num_gpus
+        # the driver resolved output_dir to an absolute path or URI (storage.resolve_output_dir);
+        # Ray Train keeps its (pointer-sized) checkpoints beside the run's, through the same pyarrow fs
+        train_fs, train_path = storage.filesystem(storage.join(cfg.tracking.output_dir, "ray_train"))
+        probe = storage.write_probe(cfg.tracking.output_dir) if storage.is_local(cfg.tracking.output_dir) else None
+        self.trainer = TorchTrainer(
+            learner_loop,
+            train_loop_config={"cfg": cfg_dict, "inboxes": self.inboxes, "outbox": self.outbox, "store": store,
+                               "resume_from": self.checkpoint, "probe": probe},
+            scaling_config=ScalingConfig(num_workers=lr.workers, use_gpu=lr.resources.num_gpus > 0,
+                                         resources_per_worker=res),
+            run_config=RunConfig(storage_path=train_path, storage_filesystem=train_fs,
+                                 name=f"learner-{os.getpid()}-{int(time.time())}",
+                                 failure_config=FailureConfig(max_failures=max(cfg.pools.max_restarts, 0))))
+        self.fit_error: BaseException | None = None
+        self.fit_thread = threading.Thread(target=self._fit, daemon=True)
+        self.fit_thread.start()
+        ready = self._wait(Ready)
+        self.version, self.pid = ready.version, ready.pid
+        if probe is not None:
+            storage.delete_file(probe)
+        if not ready.sees_outputs:
+            self.close()
+            raise RuntimeError(storage.unshared_storage_error(cfg.tracking.output_dir, ready.host))
+
+    # -- the commands --------------------------------------------------------------------------------
+    def update(self, batch_ref, leaf_advantages, iteration: int) -> Updated:
+        reply = self.run(Update([batch_ref], leaf_advantages, iteration))
+        self.version = reply.version
+        return reply
+
+    def save(self, root: str, iteration: int, run_state: dict, keep: int) -> str:
+        self.checkpoint = self.run(Save(str(root), iteration, run_state, keep)).path
+        return self.checkpoint
+
+    def export(self, out_dir: str) -> str:
+        return self.run(Export(str(out_dir))).path
+
+    def run(self, command: Update | Save | Export):
+        """Send one command to every rank and wait for rank 0's reply. One at a time: the driver
+        always waits before the next, so a restarted group has exactly one command to replay."""
+        return self._wait(REPLY[type(command)], self._send(command))
+
+    def close(self) -> None:
+        for q in self.inboxes:
+            q.put(Stop())
+        self.fit_thread.join(timeout=60)
+
+    # -- transport -----------------------------------------------------------------------------------
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as e:  # surfaced to the driver on its next wait
+            self.fit_error = e
+
+    def _send(self, command) -> int:
+        """Each command names the version and checkpoint a restarted learner must be at to run it."""
+        self.seq += 1
+        self.pending = Envelope(self.seq, self.version, self.checkpoint, command)
+        for q in self.inboxes:
+            q.put(self.pending)
+        return self.seq
+
+    def _wait(self, kind: type, seq: int | None = None):
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.fit_error is not None:
+                raise RuntimeError(f"the learner (Ray Train) failed: {self.fit_error}") from self.fit_error
+            try:
+                msg = self.outbox.get(timeout=1.0)
+            except Empty:
+                if not self.fit_thread.is_alive():
+                    raise RuntimeError("the learner (Ray Train) stopped without answering")
+                continue
+            if isinstance(msg, Failed):
+                raise RuntimeError(f"the learner stopped: {msg.error}")
+            if isinstance(msg, kind) and (seq is None or msg.seq == seq):
+                return msg
+            if isinstance(msg, Ready):
+                self._restarted(msg)
+        raise TimeoutError(f"no {kind.__name__} reply from the learner within {REPLY_TIMEOUT_S} s")
+
+    def _restarted(self, ready: Ready) -> None:
+        """Ray Train restarted the group: drop stale copies of the pending command and send it again
+        (a rank that already took it runs it once). The restored ranks catch up to the command's
+        version from our newest checkpoint, or answer Failed if the updates since it are lost: we
+        stop then rather than rewind silently, and resuming replays them exactly."""
+        self.restarts += 1
+        self.pid = ready.pid
+        for q in self.inboxes:
+            while not q.empty():
+                q.get_nowait()
+        if self.pending is not None:
+            for q in self.inboxes:
+                q.put(self.pending)
+
