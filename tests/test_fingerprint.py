@@ -91,12 +91,18 @@ def test_sampler_actor_checks_what_it_pulls_from_the_store(tiny_sd3_dir, tmp_pat
         with torch.no_grad():
             for p in learner_side.trainable_parameters():
                 p.add_(0.01)
+        v1 = ray.get(store.latest.remote(-1))  # what Pools.launch hands out while version 1 is the newest
         _publish(store, 2, learner_side)
+        sampler.sample(["a red circle"], window_start=0, seed=0, weights=v1)  # not newer: nothing loaded
+        assert sampler.version == 1 and differing(fingerprint(learner_side.live_state()),
+                                                  sampler.policy.fingerprint()) != []
         source = sampler.policy._broadcast_source
         sampler.policy._broadcast_source = lambda: {k: v.detach().clone() for k, v in source().items()}
-        with pytest.raises(WeightSyncError, match="weights version 2 did not arrive"):
-            sampler.sample(["a red circle"], window_start=0, seed=0)
-        assert sampler.version == 1  # not recorded as loaded
+        # the weights as the driver hands them out with the work (Pools.launch), and as pulled
+        for weights in (ray.get(store.latest.remote(-1)), None):
+            with pytest.raises(WeightSyncError, match="weights version 2 did not arrive"):
+                sampler.sample(["a red circle"], window_start=0, seed=0, weights=weights)
+            assert sampler.version == 1  # not recorded as loaded
     finally:
         ray.kill(store)
 

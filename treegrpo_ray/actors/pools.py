@@ -54,8 +54,11 @@ class Pools:
         ray.get([a.ready.remote() for a in self.samplers + self.rewards])
 
     def launch(self, requests: list[SampleRequest]):
+        """Start every sampler's call with the newest weights: one store lookup per iteration, its
+        ref passed along (a restarted sampler re-runs the call with the same weights)."""
+        weights = ray.get(self.store.latest.remote(-1))
         opts = {"num_returns": 1 + self.chunks}
-        calls = [s.sample.options(**opts).remote(r.prompts, r.window_start, r.seed)
+        calls = [s.sample.options(**opts).remote(r.prompts, r.window_start, r.seed, weights)
                  for s, r in zip(self.samplers, requests)]
         return time.perf_counter(), [c if isinstance(c, list) else [c] for c in calls]
 

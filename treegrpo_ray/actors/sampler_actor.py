@@ -1,7 +1,9 @@
-"""Sampler actor: a thin shell around `TreeSampler` that pulls the newest weights before each
-call (checking them against the publisher's fingerprint: a load that binds nothing stops the
-run) and returns leaf latents as separate objects, so the driver can route them to the reward
-pool by reference without ever fetching them."""
+"""Sampler actor: a thin shell around `TreeSampler`. Each sample call carries the weights it must
+use (the store's newest version, looked up once per iteration by the driver: the ref travels
+with the work, not an RPC per sampler); the actor loads them if they are newer than its own and
+checks them against the publisher's fingerprint (a load that binds nothing stops the run). It
+returns leaf latents as separate objects, so the driver routes them to the reward pool by
+reference without ever fetching them."""
 from __future__ import annotations
 
 import os
@@ -27,17 +29,21 @@ class SamplerActor:
         self.verified = False  # the loaded version was checked against its publish fingerprint
         self.restarted = reconstructed()  # reported with the next batch, once per restart
 
-    def _pull(self) -> None:
-        newest = ray.get(self.store.latest.remote(self.version))
-        if newest is not None:
-            version, (ref,), expected = newest
+    def _load(self, weights) -> None:
+        """weights = (version, [ref], fingerprint) as WeightStore.latest gives them, or None."""
+        if weights is not None and weights[0] > self.version:
+            version, (ref,), expected = weights
             self.policy.load_broadcast_state(unpack_state(ray.get(ref)), expected, version)
             self.version, self.verified = version, expected is not None
 
-    def sample(self, prompts: list[str], window_start: int, seed: int):
-        """-> (batch without leaves, leaf chunk 0, ..., leaf chunk n-1)."""
+    def _pull(self) -> None:
+        self._load(ray.get(self.store.latest.remote(self.version)))
+
+    def sample(self, prompts: list[str], window_start: int, seed: int, weights=None):
+        """-> (batch without leaves, leaf chunk 0, ..., leaf chunk n-1). weights: what to sample
+        with (see _load); None: the store's newest."""
         t0 = time.perf_counter()
-        self._pull()
+        self._load(weights) if weights is not None else self._pull()
         batch = self.sampler.sample(prompts, window_start=window_start, seed=seed, policy_version=self.version)
         batch, leaves = split_leaves(batch)
         batch.extras["sample_s"] = time.perf_counter() - t0
