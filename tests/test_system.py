@@ -1,6 +1,5 @@
 """End-to-end runs of the driver on a tiny random SD3 pipeline with a weight-free reward:
 in-process, on Ray, resume, and Ray == in-process for the same seed."""
-import json
 
 import mlflow
 import pytest

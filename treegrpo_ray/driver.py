@@ -276,20 +276,27 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.iterations:
                 system.save(paths.checkpoints, step, {"next_iteration": step, "mlflow_run_id": tracker.run_id,
                                                       "seed": cfg.seed, "version": system.version}, cfg.checkpoint.keep)
-        export_dir = system.export(storage.join(paths.run_dir, "export"))
-        with storage.local_copy(export_dir) as local:
-            tracker.log_artifacts(local, "final_model")
-        pngs = figures(cfg, paths, tracker)
-        pools = pool_diagnosis(cfg, history)
-        if pools:
-            print(f"treegrpo_ray: pools over this job's iterations: {pools}  (pool->N: the size that would keep "
-                  "that stage under 10% of the samplers')", file=out, flush=True)
+        export_dir, extra = finish(cfg, system, paths, tracker, history, out)
         status = "FINISHED"
     finally:
         if system is not None:
             system.close()
         tracker.end(status)
-    return summarize(history, paths, tracker, export_dir) | {"figures": [redact_uri(p) for p in pngs], "pools": pools}
+    return summarize(history, paths, tracker, export_dir) | extra
+
+
+def finish(cfg: Config, system, paths: RunPaths, tracker, history: list[dict], out) -> tuple[str, dict]:
+    """The export (run dir and MLflow), the figures, and which pool limited the run; returns the
+    export's location and the summary's figures/pools entries."""
+    export_dir = system.export(storage.join(paths.run_dir, "export"))
+    with storage.local_copy(export_dir) as local:
+        tracker.log_artifacts(local, "final_model")
+    pngs = figures(cfg, paths, tracker)
+    pools = pool_diagnosis(cfg, history)
+    if pools:
+        print(f"treegrpo_ray: pools over this job's iterations: {pools}  (pool->N: the size that would keep "
+              "that stage under 10% of the samplers')", file=out, flush=True)
+    return export_dir, {"figures": [redact_uri(p) for p in pngs], "pools": pools}
 
 
 def pool_diagnosis(cfg: Config, history: list[dict]) -> str:
