@@ -88,7 +88,7 @@ def run(args) -> list[dict]:
                                              guidance_scale=args.guidance_scale, device=args.device)
     sampler = TreeSampler(policy, variant=args.variant, num_steps=args.steps, k=args.k, depth=args.depth,
                           group_size=args.group_size or args.k ** args.depth)
-    timer = ForwardTimer(policy.transformer)
+    timer = ForwardTimer(policy.denoiser)
     prompts = prompts_for(args.prompts)
     sampler.sample(prompts, window_start=0, seed=0)  # warm-up: encodes prompts, first-call allocations
     starts = [args.window_start] if args.window_start >= 0 else list(range(args.steps - args.depth + 1))

@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     pipeline = args.pipeline
     if not args.miniature and pipeline is None:
         sys.path.insert(0, str(ROOT / "tests"))
-        from helpers_sd3 import save_tiny_sd3
+        from tools.tiny_pipelines import save_tiny_sd3
         pipeline = str(save_tiny_sd3(Path(out_dir) / "tiny_sd3", seed=0))
     result = soak(soak_config(out_dir, None if args.miniature else pipeline, args.iterations),
                   warmup=args.warmup, every=args.every)

@@ -13,7 +13,7 @@ def tiny_sd3_dir(tmp_path_factory):
     returns the pipeline dir, for loading through the production `from_pretrained` path."""
     import torch
 
-    from helpers_sd3 import save_tiny_sd3
+    from tools.tiny_pipelines import save_tiny_sd3
 
     with torch.random.fork_rng(devices=[]):
         return save_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"), seed=0)

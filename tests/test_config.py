@@ -1,4 +1,6 @@
 """Config loading: defaults, YAML + overrides, and the errors promised for bad input."""
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -84,7 +86,8 @@ BAD = [
     (["pools.reward.resources={reward_slot: 0}"], "pools.reward.resources.reward_slot", "must be > 0"),
     (["pools.sampler=4"], "pools.sampler", "must be a mapping"),
     (["model.dtype=float8"], "model.dtype", "is not one of"),
-    (["model.kind=ddim"], "model.kind", "not supported by the policy loader yet"),
+    (["model.kind=vpred"], "model.kind", "is not one of auto, flow, ddim"),
+    (["model.true_cfg_scale=0.5"], "model.true_cfg_scale", "is below 1"),
     (["model.resolution=30"], "model.resolution", "not a positive multiple of 8"),
     (["model.device=cuda"], "model.device", "request no GPU"),
     (["iterations=0"], "iterations", "0 < 1"),
@@ -129,6 +132,21 @@ def test_any_override_gives_a_config_or_a_config_error_naming_a_field(pairs):
         text = str(e)
         fields = [k for k in KEYS if k.split(".")[0] in text.split(":")[0].split(" ")[0]]
         assert fields or text.startswith(("unknown config key", "override")), text
+
+
+def test_the_pipeline_family_is_checked_before_any_cluster(tmp_path):
+    # builders.preflight reads model_index.json (no weights) and names the field and the fix
+    from treegrpo_ray.builders import preflight
+    preflight(load_config(None, ["model.kind=flow"]))                       # the miniature is an SD3 pipeline
+    for overrides, message in ((["model.kind=ddim"], "model.kind: ddim but 'miniature' is a StableDiffusion3Pipeline "
+                                                     "(flow); use model.kind=auto"),
+                               (["model.true_cfg_scale=3"], "model.true_cfg_scale: only FLUX takes it")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            preflight(load_config(None, overrides))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(ConfigError, match="model.pretrained: .* is a StableDiffusionXLPipeline; supported pipelines are "
+                                          "StableDiffusion3Pipeline, FluxPipeline, StableDiffusionPipeline"):
+        preflight(load_config(None, [f"model.pretrained={tmp_path}"]))
 
 
 def test_bad_files(tmp_path):

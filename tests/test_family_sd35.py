@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers_sd3 import save_tiny_sd3
+from tools.tiny_pipelines import save_tiny_sd3
 from treegrpo_ray import driver
 from treegrpo_ray.algo.sde import flow_sde_step
 from treegrpo_ray.algo.tree import count_nfe
@@ -36,7 +36,7 @@ def test_the_saved_pipeline_has_sd35s_layers(sd35_dir):
     assert json.loads((sd35_dir / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0
     policy = load(sd35_dir)
     assert type(policy.pipeline.text_encoder_3).__name__ == "T5EncoderModel"      # T5 loaded, not padded
-    block = policy.transformer.transformer_blocks[0]
+    block = policy.denoiser.transformer_blocks[0]
     assert block.attn2 is not None and type(block.attn.norm_q).__name__ == "RMSNorm"
     embeds, _ = policy.prompts.encode(["a red circle", "a blue square"])
     assert embeds.shape[1] == 77 + 8                                              # CLIP tokens + T5 tokens
@@ -52,7 +52,7 @@ def test_tree_sampling_rescoring_and_nfe(sd35_dir):
     sig, sig_next = batch.sigmas[batch.step_index], batch.sigmas[batch.step_index + 1]
     prompts = [batch.prompts[i] for i in batch.decision_prompt.tolist()]
     with torch.no_grad():
-        v = policy.velocity(batch.latents, sig, prompts)
+        v = policy.predict(batch.latents, sig, prompts)
     again = flow_sde_step(batch.latents, v, sig, sig_next, 0.7, prev_sample=batch.children).log_prob
     # the learner's batch of decisions differs from the sampler's batches: equal to float32 rounding
     torch.testing.assert_close(again, batch.old_log_probs, rtol=0, atol=1e-5)
@@ -64,11 +64,11 @@ def test_gradient_checkpointing_gives_the_plain_gradients(sd35_dir, lora_rank):
     for checkpointing in (False, True):
         policy = load(sd35_dir, lora_rank=lora_rank)
         if checkpointing:
-            policy.transformer.enable_gradient_checkpointing()
-        policy.transformer.train()  # diffusers checkpoints only when grad is enabled (training)
+            policy.denoiser.enable_gradient_checkpointing()
+        policy.denoiser.train()  # diffusers checkpoints only when grad is enabled (training)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn((2, *policy.latent_shape), generator=gen)
-        v = policy.velocity(x, torch.tensor([0.9, 0.4]), PROMPTS)
+        v = policy.predict(x, torch.tensor([0.9, 0.4]), PROMPTS)
         v.square().mean().backward()
         grads.append([p.grad.clone() for p in policy.trainable_parameters()])
     assert len(grads[0]) == len(grads[1]) > 0

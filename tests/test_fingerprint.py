@@ -5,6 +5,8 @@ import contextlib
 import pytest
 import torch
 
+from treegrpo_ray.algo.sde import flow_sde_step
+
 from treegrpo_ray.learning.learner import GRPOLearner, UpdateChangedNothing
 from treegrpo_ray.models import DiffusionPolicy
 from treegrpo_ray.models.fingerprint import WeightSyncError, differing, digest, fingerprint, positions
@@ -53,7 +55,7 @@ def test_policy_load_is_verified_and_a_broken_binding_stops(tiny_sd3_dir, lora_r
     fresh = load(tiny_sd3_dir, lora_rank=lora_rank)
     source = fresh._broadcast_source
     fresh._broadcast_source = lambda: {k: v.detach().clone() for k, v in source().items()}
-    with pytest.raises(WeightSyncError, match=r"weights version 3 did not arrive in this policy's transformer: "
+    with pytest.raises(WeightSyncError, match=r"weights version 3 did not arrive in this policy's denoiser: "
                                               r"\d+ of \d+ tensors differ from what the learner published"):
         fresh.load_broadcast_state(state, published, version=3)
     # A state changed in transit (here: one tensor scaled) is caught the same way, and named.
@@ -115,8 +117,11 @@ class ScalarPolicy(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.tensor(w, dtype=dtype))
         self.optimised = [self.w]
 
-    def velocity(self, latents, sigmas, prompts, module=None):
+    def predict(self, latents, sigmas, prompts, module=None):
         return self.w * torch.ones_like(latents)
+
+    def sde_step(self, x, out, s, s_next, noise_level, **kw):
+        return flow_sde_step(x, out, s, s_next, noise_level, **kw)
 
     def trainable_parameters(self):
         return self.optimised
@@ -138,7 +143,7 @@ def test_an_update_below_the_dtypes_resolution_stops():
     policy = ScalarPolicy(1.0, torch.bfloat16)
     learner = GRPOLearner(policy, lr=1e-5, noise_level=0.7, grad_clip=0.0)
     with pytest.raises(UpdateChangedNothing, match=r"update 1 took 1 optimizer steps .* no weight of the policy's "
-                                                   r"transformer changed.*learner.lr=1e-05 .*\(bfloat16\)"):
+                                                   r"denoiser changed.*learner.lr=1e-05 .*\(bfloat16\)"):
         learner.update(two_leaf_batch(policy), torch.tensor([1.0, -1.0]))
     fp32 = ScalarPolicy(1.0)
     metrics = GRPOLearner(fp32, lr=1e-5, noise_level=0.7, grad_clip=0.0).update(two_leaf_batch(fp32),

@@ -19,9 +19,12 @@ class ConstantVelocityPolicy(torch.nn.Module):
 
     poison = False  # when set, the forward returns NaN (a diverged model / bad kernel)
 
-    def velocity(self, latents, sigmas, prompts, module=None):
+    def predict(self, latents, sigmas, prompts, module=None):
         v = (module or self).w * torch.ones_like(latents)
         return v * float("nan") if self.poison else v
+
+    def sde_step(self, x, out, s, s_next, noise_level, **kw):
+        return flow_sde_step(x, out, s, s_next, noise_level, **kw)
 
     def trainable_parameters(self):
         return [self.w]
@@ -39,7 +42,7 @@ def one_decision_batch(policy, k=2, seed=0):
     x = torch.zeros(1, 1, 2, 2)
     sigmas = torch.tensor([1.0, 0.5, 0.0])
     with torch.no_grad():
-        v = policy.velocity(x, None, None)
+        v = policy.predict(x, None, None)
         step = flow_sde_step(x, v, sigmas[1:2], sigmas[2:3], 0.7, n_children=k,
                              generator=torch.Generator().manual_seed(seed))
     return TreeBatch(
@@ -84,7 +87,7 @@ def test_update_raises_logprob_of_the_better_child():
     learner = GRPOLearner(policy, lr=0.05, clip_eps=0.2, noise_level=0.7, grad_clip=0.0)
     metrics = learner.update(batch, torch.tensor([1.0, -1.0]))
     with torch.no_grad():
-        v = policy.velocity(batch.latents, None, None)
+        v = policy.predict(batch.latents, None, None)
         new = flow_sde_step(batch.latents, v, batch.sigmas[1:2], batch.sigmas[2:3], 0.7, prev_sample=batch.children)
     assert policy.w.item() != 0.0
     # one scalar parameter moves both children; what GRPO must raise is the +1 child's log-prob

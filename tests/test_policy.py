@@ -43,7 +43,7 @@ def test_loads_offline_without_vae_and_freezes_text_encoders(policy):
     assert policy.resolution == 16 and policy.latent_shape == (4, 8, 8)  # sample_size 8 * 2 pixels
     for enc in (pipe.text_encoder, pipe.text_encoder_2):
         assert not any(p.requires_grad for p in enc.parameters())
-    assert len(policy.trainable_parameters()) == len(list(policy.transformer.parameters()))  # full fine-tune
+    assert len(policy.trainable_parameters()) == len(list(policy.denoiser.parameters()))  # full fine-tune
 
 
 def test_resolution_sets_latent_shape_and_is_checked(tiny_sd3_dir):
@@ -60,17 +60,17 @@ def test_velocity_is_cfg_of_two_separate_forwards_in_one_call(policy):
                                            negative_prompt="", max_sequence_length=8)
     t = sig * 1000  # timestep = sigma * num_train_timesteps, as StableDiffusion3Pipeline passes it
     calls = []
-    hook = policy.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]),
+    hook = policy.denoiser.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]),
                                                         with_kwargs=True)
     try:
         with torch.no_grad():
-            v = policy.velocity(x, sig, PROMPTS)
+            v = policy.predict(x, sig, PROMPTS)
             assert calls == [6]  # ONE call with 2B = 6 rows
-            cond = policy.transformer(hidden_states=x, timestep=t, encoder_hidden_states=pe, pooled_projections=pp,
+            cond = policy.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=pe, pooled_projections=pp,
                                       return_dict=False)[0]
-            uncond = policy.transformer(hidden_states=x, timestep=t, encoder_hidden_states=ne,
+            uncond = policy.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=ne,
                                         pooled_projections=npool, return_dict=False)[0]
-            v1 = policy.velocity(x, sig, PROMPTS, guidance_scale=1.0)
+            v1 = policy.predict(x, sig, PROMPTS, cfg_scale=1.0)
     finally:
         hook.remove()
     assert calls[-1] == 3  # guidance <= 1 runs the cond half only
@@ -87,8 +87,8 @@ def test_prompt_encoding_is_cached(tiny_sd3_dir):
     policy.pipeline.encode_prompt = lambda prompt, *a, **kw: (seen.append(list(prompt)), original(prompt, *a, **kw))[1]
     x, sig = inputs(policy)
     with torch.no_grad():
-        policy.velocity(x, sig, PROMPTS)
-        policy.velocity(x, sig, PROMPTS[::-1])
+        policy.predict(x, sig, PROMPTS)
+        policy.predict(x, sig, PROMPTS[::-1])
     # first call: each distinct prompt on its own, then the negative "" once; never again
     assert seen == [["a red circle"], ["a blue square"], [""]]
     assert len(policy.prompts) == 3
@@ -118,7 +118,7 @@ def test_sigmas_match_the_scheduler_hand_computed(policy):
 
 
 def test_sigmas_use_dynamic_shift_mu(tmp_path):
-    from helpers_sd3 import build_tiny_sd3
+    from tools.tiny_pipelines import build_tiny_sd3
 
     pipe = build_tiny_sd3(tmp_path, dynamic_shift=True)
     policy = DiffusionPolicy(pipe, source=str(tmp_path), vae_scale_factor=2, device=torch.device("cpu"),
@@ -142,9 +142,9 @@ def test_lora_broadcast_round_trip_gives_identical_velocities(tiny_sd3_dir):
     b = load(tiny_sd3_dir, lora_rank=4, lora_alpha=8, seed=5)
     x, sig = inputs(a)
     with torch.no_grad():
-        va, vb_before = a.velocity(x, sig, PROMPTS), b.velocity(x, sig, PROMPTS)
+        va, vb_before = a.predict(x, sig, PROMPTS), b.predict(x, sig, PROMPTS)
         b.load_broadcast_state(state)
-        vb = b.velocity(x, sig, PROMPTS)
+        vb = b.predict(x, sig, PROMPTS)
     assert (va - vb_before).abs().max() > 1e-3
     assert torch.equal(va, vb)
     perturb(a.trainable_parameters(), seed=2)  # the broadcast dict is a copy, not a view
@@ -170,12 +170,12 @@ def test_full_broadcast_round_trip(tiny_sd3_dir, policy):
     a = load(tiny_sd3_dir)
     perturb(a.trainable_parameters(), seed=3)
     state = a.state_for_broadcast()
-    assert set(state) == set(a.transformer.state_dict())
+    assert set(state) == set(a.denoiser.state_dict())
     x, sig = inputs(a)
     with torch.no_grad():
         policy_copy = load(tiny_sd3_dir)
         policy_copy.load_broadcast_state(state)
-        assert torch.equal(a.velocity(x, sig, PROMPTS), policy_copy.velocity(x, sig, PROMPTS))
+        assert torch.equal(a.predict(x, sig, PROMPTS), policy_copy.predict(x, sig, PROMPTS))
 
 
 def test_lora_export_loads_with_plain_diffusers(tiny_sd3_dir, tmp_path):
@@ -192,7 +192,7 @@ def test_lora_export_loads_with_plain_diffusers(tiny_sd3_dir, tmp_path):
     kw = dict(hidden_states=x, timestep=sig * 1000, encoder_hidden_states=emb, pooled_projections=pooled,
               return_dict=False)
     with torch.no_grad():
-        torch.testing.assert_close(pipe.transformer(**kw)[0], a.transformer(**kw)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.transformer(**kw)[0], a.denoiser(**kw)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_full_export_loads_with_save_pretrained_format(tiny_sd3_dir, tmp_path):
@@ -204,35 +204,40 @@ def test_full_export_loads_with_save_pretrained_format(tiny_sd3_dir, tmp_path):
     t = SD3Transformer2DModel.from_pretrained(tmp_path / "full", subfolder="transformer")
     x, sig = inputs(a)
     with torch.no_grad():
-        assert torch.equal(a.velocity(x, sig, PROMPTS), a.velocity(x, sig, PROMPTS, module=t))
+        assert torch.equal(a.predict(x, sig, PROMPTS), a.predict(x, sig, PROMPTS, module=t))
 
 
 def test_reference_is_the_base_model(tiny_sd3_dir, policy):
     x, sig = inputs(policy)
     with torch.no_grad():
-        base = policy.velocity(x, sig, PROMPTS)
+        base = policy.predict(x, sig, PROMPTS)
         for kw in (dict(lora_rank=4), dict()):
             p = load(tiny_sd3_dir, **kw)
             perturb(p.trainable_parameters(), seed=7)
-            assert (p.velocity(x, sig, PROMPTS) - base).abs().max() > 1e-3
+            assert (p.predict(x, sig, PROMPTS) - base).abs().max() > 1e-3
             with p.reference():
-                torch.testing.assert_close(p.velocity(x, sig, PROMPTS), base, atol=1e-6, rtol=1e-6)
-            assert (p.velocity(x, sig, PROMPTS) - base).abs().max() > 1e-3  # restored on exit
+                torch.testing.assert_close(p.predict(x, sig, PROMPTS), base, atol=1e-6, rtol=1e-6)
+            assert (p.predict(x, sig, PROMPTS) - base).abs().max() > 1e-3  # restored on exit
 
 
 def test_gradients_reach_only_trainable_tensors(tiny_sd3_dir):
     p = load(tiny_sd3_dir, lora_rank=2)
     x, sig = inputs(p)
-    p.velocity(x, sig, PROMPTS).square().mean().backward()
-    lora_b = [prm for n, prm in p.transformer.named_parameters() if "lora_B" in n]
+    p.predict(x, sig, PROMPTS).square().mean().backward()
+    lora_b = [prm for n, prm in p.denoiser.named_parameters() if "lora_B" in n]
     assert all(prm.grad is not None for prm in lora_b) and any(prm.grad.abs().sum() > 0 for prm in lora_b)
-    assert all(prm.grad is None for n, prm in p.transformer.named_parameters() if "lora_" not in n)
+    assert all(prm.grad is None for n, prm in p.denoiser.named_parameters() if "lora_" not in n)
     assert all(prm.grad is None for prm in p.pipeline.text_encoder.parameters())
 
 
-def test_unsupported_kinds_are_named(tiny_sd3_dir):
-    with pytest.raises(NotImplementedError, match="ddim"):
+def test_kinds_and_unsupported_pipelines_are_named(tiny_sd3_dir, tmp_path):
+    assert load(tiny_sd3_dir, kind="flow").family.kind == "flow"
+    with pytest.raises(ValueError, match="model.kind='ddim' but .* is a StableDiffusion3Pipeline \\(flow\\)"):
         load(tiny_sd3_dir, kind="ddim")
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(NotImplementedError, match="StableDiffusionXLPipeline is not a supported pipeline; supported: "
+                                                  "StableDiffusion3Pipeline, FluxPipeline, StableDiffusionPipeline"):
+        load(tmp_path)
     with pytest.raises(ValueError, match="kind"):
         load(tiny_sd3_dir, kind="vpred")
     with pytest.raises(ValueError, match="dtype"):
@@ -242,9 +247,9 @@ def test_unsupported_kinds_are_named(tiny_sd3_dir):
 def test_bfloat16_weights_float32_velocity_and_adapters(tiny_sd3_dir):
     p = load(tiny_sd3_dir, dtype="bfloat16", lora_rank=2, device="auto")
     assert p.device == (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    assert p.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    assert p.denoiser.pos_embed.proj.weight.dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in p.trainable_parameters())  # adapters stay float32
     x, sig = inputs(p)
     with torch.no_grad():
-        v = p.velocity(x, sig, PROMPTS)
+        v = p.predict(x, sig, PROMPTS)
     assert v.dtype == torch.float32 and torch.isfinite(v).all()

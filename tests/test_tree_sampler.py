@@ -30,7 +30,7 @@ def rescore(policy, batch):
     sig, sig_next = batch.sigmas[batch.step_index], batch.sigmas[batch.step_index + 1]
     prompts = [batch.prompts[i] for i in batch.decision_prompt.tolist()]
     with torch.no_grad():
-        v = policy.velocity(batch.latents, sig, prompts)
+        v = policy.predict(batch.latents, sig, prompts)
     return flow_sde_step(batch.latents, v, sig, sig_next, 0.7, prev_sample=batch.children)
 
 
@@ -78,7 +78,7 @@ def test_tree_old_log_probs_reproduced_by_rescoring(policy, tree_batch):
 @pytest.mark.parametrize("p", [0, 2, T - D])
 def test_nfe_is_spent_and_equals_count_nfe(policy, p):
     rows = []
-    hook = policy.transformer.register_forward_pre_hook(
+    hook = policy.denoiser.register_forward_pre_hook(
         lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True)
     try:
         b = sampler(policy, "tree").sample(PROMPTS, window_start=p, seed=1)

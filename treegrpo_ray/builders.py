@@ -3,6 +3,7 @@ for the components; they themselves take flat arguments. No Ray here, so the sam
 assemble the in-process run and every actor of the distributed one (Acme's pattern)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def build_policy(cfg: Config, device: str | None = None):
     return DiffusionPolicy.from_pretrained(
         pipeline_path(cfg), kind=m.kind, dtype=m.dtype, device=device or m.device,
         lora_rank=m.lora_rank, lora_alpha=m.lora_alpha or None, lora_targets=tuple(m.lora_targets),
-        guidance_scale=m.guidance_scale, max_sequence_length=m.max_sequence_length, resolution=m.resolution)
+        guidance_scale=m.guidance_scale, true_cfg_scale=m.true_cfg_scale, max_sequence_length=m.max_sequence_length,
+        resolution=m.resolution)
 
 
 def build_sampler(cfg: Config, policy):
@@ -94,7 +96,7 @@ def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size
     from treegrpo_ray.learning.learner import GRPOLearner
     lr = cfg.learner
     if lr.gradient_checkpointing:  # only where gradients flow: the sampler's no-grad forwards are unchanged
-        policy.transformer.enable_gradient_checkpointing()
+        policy.denoiser.enable_gradient_checkpointing()
     return GRPOLearner(policy, module=module, lr=lr.lr, weight_decay=lr.weight_decay, betas=lr.betas,
                        clip_eps=lr.clip_eps, weighting=lr.weighting, temperature=lr.temperature, baseline=lr.edge_baseline,
                        kl_beta=lr.kl_beta,
@@ -115,6 +117,21 @@ def set_worker_threads(num_cpus: float) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
+def check_family(cfg: Config, pipeline_class: str | None) -> None:
+    """The pipeline's class is a supported family, of model.kind, and takes the options set for it."""
+    from treegrpo_ray.models.families import FAMILIES, SUPPORTED_PIPELINES
+    family = next((f for f in FAMILIES if pipeline_class in f.pipeline_classes), None)
+    if family is None:
+        raise ConfigError(f"model.pretrained: {cfg.model.pretrained!r} is a {pipeline_class}; supported pipelines are "
+                          f"{', '.join(SUPPORTED_PIPELINES)} (README, 'Model families')")
+    if cfg.model.kind not in ("auto", family.kind):
+        raise ConfigError(f"model.kind: {cfg.model.kind} but {cfg.model.pretrained!r} is a {pipeline_class} "
+                          f"({family.kind}); use model.kind=auto")
+    if cfg.model.true_cfg_scale != 1 and family.__name__ != "FluxFamily":
+        raise ConfigError(f"model.true_cfg_scale: only FLUX takes it, {pipeline_class} runs classifier-free guidance "
+                          "with model.guidance_scale; leave model.true_cfg_scale=1")
+
+
 def preflight(cfg: Config) -> None:
     """File-system checks that need no model load: run before any cluster is allocated."""
     load_prompts(cfg, "train")
@@ -126,6 +143,9 @@ def preflight(cfg: Config) -> None:
     if looks_local and not Path(path).expanduser().exists():
         raise ConfigError(f"model.pretrained: local directory {path!r} does not exist; point it at a diffusers "
                           "pipeline directory (with model_index.json) or a hub id")
+    index = Path(path).expanduser() / "model_index.json"
+    if index.is_file():
+        check_family(cfg, json.loads(index.read_text()).get("_class_name"))
     for i, term in enumerate(cfg.rewards.terms):
         if term.checkpoint and not Path(term.checkpoint).expanduser().exists():
             raise ConfigError(f"rewards.terms.{i}.checkpoint: {term.checkpoint!r} does not exist; download it "

@@ -36,11 +36,15 @@ def _copy(x):
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: str = doc("miniature", "diffusers pipeline: 'miniature' (shipped), a hub id or a local directory")
-    kind: str = doc("flow", "flow (SD3/SD3.5 flow matching) | ddim (epsilon-prediction UNet, e.g. SD1.5)")
+    kind: str = doc("auto", "auto (from the pipeline's class: SD3/SD3.5 and FLUX.1 are flow, SD1.5 is ddim) | flow "
+                    "| ddim (insist on one; a pipeline of the other kind is an error)")
     dtype: str = doc("float32", "weights dtype of the trainable model: float32 | bfloat16 | float16")
     device: str = doc("auto", "auto (cuda if available) | cpu | cuda")
     resolution: int = doc(32, "image height = width in pixels (SD3.5-medium: 512)")
-    guidance_scale: float = doc(4.5, "classifier-free guidance scale in sampler and learner (<= 1 disables CFG)")
+    guidance_scale: float = doc(4.5, "classifier-free guidance scale in sampler and learner (<= 1 disables CFG); "
+                                "FLUX.1-dev: the distilled guidance embedding (no CFG batch)")
+    true_cfg_scale: float = doc(1.0, "FLUX only: real classifier-free guidance with the empty negative prompt "
+                                "(> 1 doubles the batch); 1 = off")
     max_sequence_length: int = doc(16, "T5 tokens per prompt (SD3: up to 256; miniature has no T5)")
     lora_rank: int = doc(0, "LoRA rank on the transformer; 0 = full fine-tune")
     lora_alpha: int = doc(0, "LoRA alpha; 0 = same as rank")
@@ -181,7 +185,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.kind": ("flow", "ddim"), "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.kind": ("auto", "flow", "ddim"), "model.dtype": ("float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"), "tree.variant": ("tree", "flat", "mix"),
     "tree.window": ("random", "sliding"), "tree.logprob_reduction": ("mean", "sum"),
     "rewards.aggregate": ("raw", "advantage"), "learner.weighting": ("uniform", "softmax"),
@@ -277,9 +281,8 @@ def validate(cfg: Config) -> Config:
     _check(t.max_batch >= 0, "tree.max_batch", "must be >= 0", "use 0 for no limit")
     if t.variant != "tree":
         _check(t.leaves_per_tree >= 2, "tree.group_size", "GRPO needs >= 2 trajectories per prompt", "use >= 2")
-    _check(cfg.model.kind == "flow", "model.kind",
-           "ddim (epsilon-prediction UNet) pipelines are not supported by the policy loader yet (the DDIM step "
-           "exists in algo.sde, the StableDiffusionPipeline loader does not)", "use a flow-matching pipeline (SD3/SD3.5)")
+    _check(cfg.model.true_cfg_scale >= 1 and math.isfinite(cfg.model.true_cfg_scale), "model.true_cfg_scale",
+           f"{cfg.model.true_cfg_scale} is below 1", "use 1 (off) or e.g. 4 for FLUX true CFG")
     _check(cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution",
            f"{cfg.model.resolution} is not a positive multiple of 8", "use e.g. 32 (miniature) or 512")
     _check(cfg.model.lora_rank >= 0, "model.lora_rank", "must be >= 0", "use 0 for full fine-tune")

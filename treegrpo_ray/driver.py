@@ -370,9 +370,9 @@ def result_lines(cfg: Config, summary: dict) -> list[str]:
         lines.append(f'load it: from diffusers import DiffusionPipeline; pipe = DiffusionPipeline.from_pretrained("{base}"); '
                      f'pipe.load_lora_weights("{src}")')
     else:
-        lines.append(f'load it: from diffusers import DiffusionPipeline, SD3Transformer2DModel; pipe = DiffusionPipeline.'
-                     f'from_pretrained("{base}", transformer=SD3Transformer2DModel.from_pretrained("{src}", '
-                     'subfolder="transformer"))')
+        name = "unet" if "unet" in {storage.name(d) for d in storage.list_dirs(export)} else "transformer"  # SD1.5
+        lines.append(f'load it: from diffusers import AutoModel, DiffusionPipeline; pipe = DiffusionPipeline.'
+                     f'from_pretrained("{base}", {name}=AutoModel.from_pretrained("{src}", subfolder="{name}"))')
     if summary.get("figures"):
         lines.append(f"figures: {', '.join(summary['figures'])}")
     lines.append(f"checkpoints: {summary['run_dir'].split('?')[0].rstrip('/')}/checkpoints"

@@ -56,7 +56,7 @@ def _build(config: dict):
     builders.set_worker_threads(cfg.learner.resources.num_cpus)
     device = ray.train.torch.get_device() if cfg.learner.resources.num_gpus > 0 else torch.device("cpu")
     policy = builders.build_policy(cfg, device=str(device))
-    module = policy.transformer
+    module = policy.denoiser
     if world > 1:
         strategy = "fsdp" if cfg.learner.strategy == "fsdp" else "ddp"
         module = ray.train.torch.prepare_model(module, parallel_strategy=strategy, move_to_device=False)

@@ -24,7 +24,6 @@ import torch
 
 from treegrpo_ray.algo.advantages import edge_advantages
 from treegrpo_ray.algo.loss import grpo_clip_loss, kl_to_reference
-from treegrpo_ray.algo.sde import flow_sde_step
 from treegrpo_ray.algo.seeds import iteration_seed
 from treegrpo_ray.models.fingerprint import differing, digest, fingerprint
 from treegrpo_ray.types import TreeBatch
@@ -134,7 +133,7 @@ class GRPOLearner:
             dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.params})
             raise UpdateChangedNothing(
                 f"update {self.version + 1} took {len(stepped)} optimizer steps (grad norm up to {max(stepped):.3g}) "
-                "but no weight of the policy's transformer changed. Either the optimizer holds tensors the model does "
+                "but no weight of the policy's denoiser changed. Either the optimizer holds tensors the model does "
                 f"not run (a wrapper or copy of its parameters), or learner.lr={lr:g} is below what the weights' dtype "
                 f"({', '.join(dtypes)}) can represent: train in model.dtype=float32 or raise learner.lr.")
 
@@ -162,18 +161,18 @@ class GRPOLearner:
         step = batch.step_index[rows]
         sigma, sigma_next = batch.sigmas[step].to(device), batch.sigmas[step + 1].to(device)  # (n,)
         prompts = [batch.prompts[j] for j in batch.decision_prompt[rows].tolist()]
-        velocity = self.policy.velocity(latents, sigma, prompts, module=self.module)
-        new = flow_sde_step(latents, velocity, sigma, sigma_next, self.noise_level, prev_sample=children,
-                            reduction=self.reduction)
+        out = self.policy.predict(latents, sigma, prompts, module=self.module)
+        new = self.policy.sde_step(latents, out, sigma, sigma_next, self.noise_level, prev_sample=children,
+                                   reduction=self.reduction)
         loss, metrics = grpo_clip_loss(new.log_prob, batch.old_log_probs[rows].to(device), adv[rows].to(device),
                                        self.clip_eps)
         metrics = {f"loss/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = float(loss.detach())
         if self.kl_beta > 0:
             with torch.no_grad(), self.policy.reference():
-                v_ref = self.policy.velocity(latents, sigma, prompts)
-            ref = flow_sde_step(latents, v_ref, sigma, sigma_next, self.noise_level, prev_sample=children,
-                                reduction=self.reduction)
+                out_ref = self.policy.predict(latents, sigma, prompts)
+            ref = self.policy.sde_step(latents, out_ref, sigma, sigma_next, self.noise_level, prev_sample=children,
+                                       reduction=self.reduction)
             kl = kl_to_reference(new.mean, ref.mean, new.std).mean()
             loss = loss + self.kl_beta * kl
             metrics["loss/kl_ref"] = float(kl.detach())

@@ -51,14 +51,16 @@ def adapters_disabled(transformer: torch.nn.Module):
         transformer.enable_adapters()
 
 
-def export_lora(pipeline_cls, transformer: torch.nn.Module, out_dir: str | Path) -> Path:
-    """Write the transformer's LoRA in diffusers format: `pipe.load_lora_weights(out_dir)`."""
+def export_lora(pipeline_cls, transformer: torch.nn.Module, out_dir: str | Path,
+                denoiser_name: str = "transformer") -> Path:
+    """Write the denoiser's LoRA in diffusers format: `pipe.load_lora_weights(out_dir)`.
+    denoiser_name: "transformer" (SD3, FLUX) or "unet" (SD1.5), the pipeline's save_lora_weights keywords."""
     from peft.utils import get_peft_model_state_dict
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
     metadata = transformer.peft_config["default"].to_dict()
-    pipeline_cls.save_lora_weights(out_dir, transformer_lora_layers=layers,
-                                   transformer_lora_adapter_metadata=metadata)
+    pipeline_cls.save_lora_weights(out_dir, **{f"{denoiser_name}_lora_layers": layers,
+                                                f"{denoiser_name}_lora_adapter_metadata": metadata})
     return out_dir

@@ -1,4 +1,4 @@
-"""Prompt-embedding cache over a diffusers SD3-family pipeline's `encode_prompt`.
+"""Prompt-embedding cache over a model family's prompt encoder (the pipeline's `encode_prompt`).
 
 Sampling a tree calls the transformer hundreds of times for the same few prompts; the text
 encoders (CLIP-L, CLIP-G, T5-XXL for SD3.5) must run once per distinct prompt per process, not
@@ -22,17 +22,15 @@ import torch
 
 
 class PromptCache:
-    """Encodes prompts with `pipeline.encode_prompt` once and serves them as batched tensors.
+    """Encodes each prompt once with the family's `encode` (a batch of one, see above) and serves
+    batches: `encode(prompts)` returns the family's conditioning tensors stacked over prompts, e.g.
+    SD3: (B, S, D) token and (B, P) pooled embeddings; FLUX: T5 tokens and CLIP pooled; SD1.5: (B, 77, D).
+    Tensors live on `device` in `dtype`."""
 
-    Embeddings live on `device` in `dtype`: (S, D) token embeddings (CLIP-L | CLIP-G padded to D,
-    then T5 tokens, S = 77 + max_sequence_length) and (P,) pooled embeddings per prompt.
-    """
-
-    def __init__(self, pipeline, *, device: torch.device, dtype: torch.dtype, max_sequence_length: int):
-        self.pipeline = pipeline
+    def __init__(self, encode_one, *, device: torch.device, dtype: torch.dtype):
+        self.encode_one = encode_one
         self.device, self.dtype = device, dtype
-        self.max_sequence_length = max_sequence_length
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -40,20 +38,13 @@ class PromptCache:
     def __contains__(self, prompt: str) -> bool:
         return prompt in self._cache
 
-    @torch.no_grad()
-    def _encode(self, prompt: str) -> None:
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=[prompt], prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
-        self._cache[prompt] = (embeds[0].to(self.device, self.dtype), pooled[0].to(self.device, self.dtype))
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (B,) -> embeds (B, S, D), pooled (B, P); encodes only prompts not seen before."""
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, ...]:
+        """prompts (B,) -> the conditioning tensors, each (B, ...); encodes only prompts not seen before."""
         if isinstance(prompts, str):
             raise TypeError("PromptCache.encode takes a list of prompts, not a single string")
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
-                self._encode(p)
-        embeds = torch.stack([self._cache[p][0] for p in prompts])
-        pooled = torch.stack([self._cache[p][1] for p in prompts])
-        return embeds, pooled
+                with torch.no_grad():
+                    self._cache[p] = tuple(t.to(self.device, self.dtype) for t in self.encode_one(p))
+        parts = zip(*(self._cache[p] for p in prompts))
+        return tuple(torch.stack(part) for part in parts)

@@ -1,10 +1,8 @@
-"""Deterministic evaluation sampling: plain Euler ODE (noise_level 0) with CFG from a fixed seed,
+"""Deterministic evaluation sampling: the policy's ODE step (flow: Euler; DDIM: eta 0) with CFG from a fixed seed,
 so eval rewards of different iterations compare the policy, not the noise."""
 from __future__ import annotations
 
 import torch
-
-from treegrpo_ray.algo.sde import flow_ode_step
 
 
 @torch.no_grad()
@@ -21,6 +19,6 @@ def ode_sample(policy, prompts: list[str], *, num_steps: int, seed: int, max_bat
         for i in range(num_steps):
             s = torch.full((xb.shape[0],), float(sigmas[i]), device=device)
             s_next = torch.full_like(s, float(sigmas[i + 1]))
-            xb = flow_ode_step(xb, policy.velocity(xb, s, pb), s, s_next)
+            xb = policy.ode_step(xb, policy.predict(xb, s, pb), s, s_next)
         outs.append(xb.float().cpu())
     return torch.cat(outs)

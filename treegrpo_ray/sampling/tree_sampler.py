@@ -4,8 +4,8 @@ Implements the sampling side of TreeGRPO (arXiv 2512.08153, Sec. 3; DESIGN.md §
 
 * `tree`: one shared initial noise per tree; ODE (Euler) steps before the window
   [p, p + d); at each window level every node of that level -- across all trees and prompts --
-  goes through ONE batched velocity call, and each node draws k children from the same
-  Gaussian (`flow_sde_step(n_children=k)`); then the ODE tail runs for all k**d deepest nodes.
+  goes through ONE batched denoiser call, and each node draws k children from the same
+  Gaussian (the policy's `sde_step(n_children=k)`: flow SDE, or DDIM for SD1.5); then the ODE tail runs for all k**d deepest nodes.
   Transformer calls per tree: p + (k**d - 1)/(k - 1) + k**d (T - p - d) = `algo.tree.count_nfe`.
 * `flat` (DanceGRPO / Flow-GRPO): `group_size` independent trajectories per group, SDE on every
   step, decisions (K = 1) recorded on round(train_fraction * T) steps drawn from the seed (the
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import torch
 
-from treegrpo_ray.algo.sde import flow_ode_step, flow_sde_step
 from treegrpo_ray.algo.tree import build_tree, count_nfe
 from treegrpo_ray.types import TreeBatch
 
@@ -44,7 +43,7 @@ class TreeSampler:
     num_steps T, k (tree branching), depth d (window length), noise_level eta; group_size:
     trajectories per group for flat/mix (>= 2; config's tree.leaves_per_tree resolves its default);
     trees_per_prompt: trees (tree) or groups (flat/mix) per prompt; train_fraction: flat's
-    trained share of steps; max_batch: most nodes per velocity call (None/0 = no limit).
+    trained share of steps; max_batch: most nodes per denoiser call (None/0 = no limit).
     """
 
     def __init__(self, policy, *, variant: str = "tree", num_steps: int = 10, k: int = 3, depth: int = 3,
@@ -72,26 +71,26 @@ class TreeSampler:
         self.nfe = 0  # transformer calls of the current `sample` (CFG pair = one)
 
     # ------------------------------------------------------------------ model calls
-    def _velocity(self, x: torch.Tensor, step: int, prompts: list[str]) -> torch.Tensor:
-        """Guided velocity of all rows of x (B, C, H, W) at sigmas[step], in max_batch chunks."""
+    def _predict(self, x: torch.Tensor, step: int, prompts: list[str]) -> torch.Tensor:
+        """Guided denoiser output of all rows of x (B, C, H, W) at sigmas[step], in max_batch chunks."""
         b = x.shape[0]
         chunk = self.max_batch or b
         sigma = float(self.sigmas[step])
-        parts = [self.policy.velocity(x[s:s + chunk], torch.full((min(chunk, b - s),), sigma), prompts[s:s + chunk])
+        parts = [self.policy.predict(x[s:s + chunk], torch.full((min(chunk, b - s),), sigma), prompts[s:s + chunk])
                  for s in range(0, b, chunk)]
         self.nfe += b
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _ode(self, x: torch.Tensor, prompts: list[str], steps: range) -> torch.Tensor:
         for i in steps:
-            v = self._velocity(x, i, prompts)
-            x = flow_ode_step(x, v, float(self.sigmas[i]), float(self.sigmas[i + 1]))
+            out = self._predict(x, i, prompts)
+            x = self.policy.ode_step(x, out, float(self.sigmas[i]), float(self.sigmas[i + 1]))
         return x
 
     def _sde(self, x: torch.Tensor, prompts: list[str], step: int, n_children: int, gen: torch.Generator):
-        v = self._velocity(x, step, prompts)
-        return flow_sde_step(x, v, float(self.sigmas[step]), float(self.sigmas[step + 1]), self.noise_level,
-                             generator=gen, n_children=n_children, reduction=self.reduction)
+        out = self._predict(x, step, prompts)
+        return self.policy.sde_step(x, out, float(self.sigmas[step]), float(self.sigmas[step + 1]), self.noise_level,
+                                    generator=gen, n_children=n_children, reduction=self.reduction)
 
     def _noise(self, n: int, gen: torch.Generator) -> torch.Tensor:
         x = torch.randn((n, *self.policy.latent_shape), generator=gen, dtype=torch.float32)  # (n, C, H, W) CPU

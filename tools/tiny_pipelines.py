@@ -1,4 +1,8 @@
-"""Build a tiny, randomly initialised StableDiffusion3Pipeline offline, for tests.
+"""Tiny, randomly initialised pipelines of each supported family, built offline (tests, gpu_check).
+
+SD3 / SD3.5 (`build_tiny_sd3`), FLUX.1 (`build_tiny_flux`) and SD1.5 with DDIM (`build_tiny_sd15`):
+each has its family's real structure at toy width, so the production loading path runs on it.
+The SD3 notes below hold for the others where they share parts (CLIP tokenizer, VAE, sizes).
 
 Everything is a real diffusers/transformers component (SD3Transformer2DModel, AutoencoderKL,
 two CLIPTextModelWithProjection with CLIPTokenizers, FlowMatchEulerDiscreteScheduler), only
@@ -120,3 +124,95 @@ def save_tiny_sd3(out_dir: str | Path, seed: int = 0, dynamic_shift: bool = Fals
     pipe = build_tiny_sd3(out_dir / "tokenizer_src", seed=seed, dynamic_shift=dynamic_shift, sd35=sd35)
     pipe.save_pretrained(out_dir / "pipeline")
     return out_dir / "pipeline"
+
+
+def tiny_clip_text_model(vocab_size: int, bos_id: int, eos_id: int, seed: int):
+    """A CLIPTextModel (no projection): FLUX takes its pooled output, SD1.5 its token states."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=CLIP_HIDDEN, intermediate_size=2 * CLIP_HIDDEN,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    torch.manual_seed(seed)
+    return CLIPTextModel(cfg).eval()
+
+
+def _tiny_vae(**factors):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=2 * SAMPLE_SIZE, **factors)
+
+
+def build_tiny_flux(tokenizer_dir: str | Path, seed: int = 0, guidance_embeds: bool = True):
+    """A random-init tiny FluxPipeline with FLUX.1-dev's structure: double- and single-stream
+    blocks, 3-axis RoPE, the guidance embedding (dev; guidance_embeds=False is schnell), CLIP-L
+    pooled + T5 tokens, 2x2 packed latents (4 channels -> 16 per token), FLUX's VAE factors and a
+    dynamically shifted FlowMatchEuler scheduler. 16x16 images, 8x8 latents, 16 image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=JOINT_DIM, pooled_projection_dim=CLIP_HIDDEN,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    vae = _tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    tokenizer = tiny_clip_tokenizer(Path(tokenizer_dir) / "tokenizer")
+    vocab = tokenizer.get_vocab()
+    t5, t5_tokenizer = tiny_t5(seed + 3)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_image_seq_len=4, max_image_seq_len=64, base_shift=0.5,
+                                                max_shift=1.15)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                        text_encoder=tiny_clip_text_model(len(vocab), vocab["<|startoftext|>"],
+                                                          vocab["<|endoftext|>"], seed + 1),
+                        tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+
+
+def build_tiny_sd15(tokenizer_dir: str | Path, seed: int = 0):
+    """A random-init tiny StableDiffusionPipeline with SD1.5's structure: a cross-attention
+    UNet2DConditionModel (epsilon prediction), one CLIP text encoder, SD1.5's VAE scaling 0.18215
+    and its DDIMScheduler config (scaled-linear betas, leading spacing, steps_offset 1,
+    set_alpha_to_one False). No safety checker. 16x16 images, 8x8 latents."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=SAMPLE_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CLIP_HIDDEN, attention_head_dim=4,
+        norm_num_groups=4)
+    vae = _tiny_vae(scaling_factor=0.18215)
+    tokenizer = tiny_clip_tokenizer(Path(tokenizer_dir) / "tokenizer")
+    vocab = tokenizer.get_vocab()
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=tiny_clip_text_model(len(vocab), vocab["<|startoftext|>"], vocab["<|endoftext|>"],
+                                                   seed + 1),
+        tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "sd15": build_tiny_sd15}
+
+
+def save_tiny(family: str, out_dir: str | Path, seed: int = 0, **kw) -> Path:
+    """Build a tiny pipeline of `family` (sd3 | flux | sd15) and `save_pretrained` it to out_dir/pipeline."""
+    out_dir = Path(out_dir)
+    pipe = BUILDERS[family](out_dir / "tokenizer_src", seed=seed, **kw)
+    pipe.save_pretrained(out_dir / "pipeline")
+    return out_dir / "pipeline"
+
+
+if __name__ == "__main__":  # python -m tools.tiny_pipelines {sd3,flux,sd15} OUT_DIR [--sd35]
+    import argparse
+
+    ap = argparse.ArgumentParser(description="save a tiny random-init pipeline of a model family (seed 0)")
+    ap.add_argument("family", choices=sorted(BUILDERS))
+    ap.add_argument("out_dir")
+    ap.add_argument("--sd35", action="store_true", help="sd3 only: SD3.5-medium's layers")
+    args = ap.parse_args()
+    print(save_tiny(args.family, args.out_dir, **({"sd35": True} if args.sd35 else {})))
