@@ -128,3 +128,28 @@ def test_a_short_run_trains_and_exports_what_plain_diffusers_loads(pipelines, tm
         pipe.set_progress_bar_config(disable=True)
     before, after = image(base, family), image(trained, family)
     assert torch.isfinite(after).all() and (after - before).abs().max() > 1e-4   # the update reached the export
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_sampling_and_rescoring_stay_within_the_ratio_bound(pipelines, family):
+    # bf16 weights and denoiser, float32 latents / step math / log-probs (issue 13.3). The learner
+    # re-scores in micro-batches of 5 decisions, not the sampler's tree levels. Measured on this
+    # CPU at 1 thread: |ratio - 1| = 0 exactly, all families, LoRA and full (BENCHMARKS.md §8);
+    # the bound held here is what a GPU's batch-dependent bf16 kernels may add.
+    policy = load(pipelines[family], dtype="bfloat16", lora_rank=4)
+    assert policy.denoiser.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())      # adapters float32
+    noise = 1.0 if family == "sd15" else 0.7
+    batch = TreeSampler(policy, num_steps=6, k=2, depth=2, noise_level=noise).sample(PROMPTS, window_start=0, seed=1)
+    assert batch.children.dtype == torch.float32 and batch.old_log_probs.dtype == torch.float32
+    s, s_next = batch.sigmas[batch.step_index], batch.sigmas[batch.step_index + 1]
+    prompts = [batch.prompts[i] for i in batch.decision_prompt.tolist()]
+    ratios = []
+    for rows in torch.arange(batch.num_decisions).split(5):
+        with torch.no_grad():
+            out = policy.predict(batch.latents[rows], s[rows], [prompts[i] for i in rows.tolist()])
+        new = policy.sde_step(batch.latents[rows], out, s[rows], s_next[rows], noise, prev_sample=batch.children[rows])
+        ratios.append((new.log_prob - batch.old_log_probs[rows]).exp())
+    err = (torch.cat(ratios) - 1).abs().max().item()
+    print(f"{family} bf16 start-of-update |ratio - 1| max = {err:.2e}")
+    assert err <= 1e-3

@@ -129,7 +129,8 @@ class LearnerConfig:
     epochs: int = doc(1, "passes over an iteration's decisions")
     micro_batch: int = doc(0, "decisions per forward/backward (gradient accumulation); 0 = whole minibatch")
     workers: int = doc(1, "Ray Train data-parallel learner workers")
-    strategy: str = doc("ddp", "ddp | fsdp (full fine-tune of large models on GPU; GPU-only, untested on CPU)")
+    strategy: str = doc("ddp", "ddp | fsdp (full fine-tune of large models; GPU-only, >= 2 GPUs: Ray Train's FSDP "
+                        "refuses CPU; only tests/test_gpu.py exercises it, and it has not run yet)")
     gradient_checkpointing: bool = doc(False, "recompute the transformer's activations in backward (diffusers' "
                                        "enable_gradient_checkpointing): less learner memory, ~1 extra forward")
     resources: ResourcesConfig = doc(ResourcesConfig(num_cpus=2.0), "resources of each learner worker (num_cpus = "
