@@ -1,4 +1,4 @@
-"""Entry point: `python -m treegrpo_ray.run [--config configs/X.yaml] [key=value ...]`.
+"""Entry point: `python -m treegrpo_ray.run [--config configs/X.yaml] [--plan] [key=value ...]`.
 
 With no arguments it trains the embedded miniature default on this machine (a local Ray
 instance is started unless $RAY_ADDRESS / ray_address names a cluster, or under `ray job submit`).
@@ -19,6 +19,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="config fields (key = default  -- doc):\n  " + "\n  ".join(describe()))
     p.add_argument("--config", default=None, help="YAML file with overrides of the defaults (see configs/)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--plan", action="store_true",
+                   help="print per pool the parameters, memory per GPU and work per iteration, without loading "
+                        "weights or starting Ray; exit 2 if a pool does not fit its GPU share")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory the plan checks against (default 80)")
     p.add_argument("--summary-json", default=None, help="write the run summary (rewards, run dir) to this file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. tree.k=2 pools.samplers=2")
     return p.parse_args(argv)
@@ -30,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
+            return 0
+        if args.plan:
+            from treegrpo_ray import plan
+            layout = plan.make_plan(cfg, gpu_gib=args.gpu_gib)
+            print(plan.render(layout))
+            plan.check(layout)
             return 0
         from treegrpo_ray.driver import result_lines, run
         summary = run(cfg)

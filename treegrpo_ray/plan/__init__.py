@@ -1,0 +1,228 @@
+"""`python -m treegrpo_ray.run --plan`: what each pool holds per GPU, before anything is allocated.
+
+No weights are read: parameter counts come from the pipeline's config files (plan.facts). Per
+pool and per actor/worker, in the dtypes the run uses:
+
+  sampler  denoiser + text encoders (model.dtype) + one no-grad forward of the largest batch the
+           sampler sends (tree.max_batch, else a whole sampler chunk of leaves), doubled by CFG
+  reward   VAE + scorers (float32, what the reward actors load) + one decode chunk of 16 images
+  learner  denoiser + text encoders (+ a frozen reference copy for full fine-tune with KL);
+           trainable tensors' gradients and AdamW's two moments (LoRA adapters: float32; full
+           fine-tune: model.dtype, torch's AdamW keeps its moments in the parameter's dtype);
+           FSDP shards weights, gradients and moments over learner.workers; activations of
+           one micro-batch (x2 rows with CFG), with or without gradient checkpointing
+  all      on a GPU, CUDA context + allocator slack (CUDA_RESERVE)
+
+Activations are modelled per row as a constant x (tokens x width) elements per block (a UNet: per
+layer of a level, x latent pixels x sum_i channels_i / 4^i over its levels). No tokens^2 term: PyTorch's scaled_dot_product_attention
+keeps no softmax matrix with its flash kernels, on CPU as on GPU (the calibration fit gives that
+term a coefficient of 0). The constants are fitted on the tiny pipelines of each family on CPU by
+`python -m tools.plan_calibrate` (slope over several batch sizes and resolutions; the fixed
+per-process part is left to CUDA_RESERVE), and tests/test_plan.py holds the learner estimate
+against measured peaks at other shapes. A pool whose total exceeds its share of a GPU
+(gpu_gib x num_gpus, num_gpus <= 1) makes the plan refuse, naming the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from treegrpo_ray.config import (ConfigError, Config, decisions_per_iteration, groups_per_iteration,
+                                 leaves_per_iteration)
+from treegrpo_ray.plan.facts import ModelFacts, model_facts, reward_facts
+
+GiB = 2 ** 30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CUDA_RESERVE = int(1.5 * GiB)   # CUDA context (~0.5 GiB) + caching-allocator fragmentation
+DECODE_CHUNK = 16               # rewards/decode.LatentDecoder's batch_size
+# Activation elements per row, in units of (tokens x width), see the module docstring. "grad": a
+# step's peak without checkpointing, per block; "ckpt": kept per block with checkpointing (the block
+# inputs); "recompute": what a checkpointed step adds at its peak (a block recomputed, its backward);
+# "nograd": one no-grad forward's peak. Fitted by `python -m tools.plan_calibrate` (BENCHMARKS.md §8).
+ACTIVATIONS = {"sd3": {"grad": 35.6, "ckpt": 2.5, "recompute": 33.6, "nograd": 12.2},
+               "flux": {"grad": 27.6, "ckpt": 3.1, "recompute": 25.4, "nograd": 15.1},
+               "sd15": {"grad": 105.8, "ckpt": 13.3, "recompute": 23.2, "nograd": 8.5}}
+VAE_DECODE = 5.9                # decode peak per image, in units of (H x W x vae_channels x 4 bytes); fitted on the real SD VAE structure
+
+
+@dataclass
+class PoolPlan:
+    name: str
+    actors: int                          # actors (sampler/reward) or workers (learner)
+    num_gpus: float                      # per actor; 0 = CPU
+    items: list[tuple[str, int]] = field(default_factory=list)   # (what, bytes per actor)
+    work: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b in self.items)
+
+
+@dataclass
+class Plan:
+    model: ModelFacts
+    pools: list[PoolPlan]
+    gpu_gib: float
+    problems: list[str]
+
+
+def _tokens(cfg: Config, m: ModelFacts) -> tuple[int, int]:
+    """(image tokens, text tokens) of one denoiser row; for a UNet, (latent pixels, CLIP tokens)."""
+    side = cfg.model.resolution // m.vae_scale_factor
+    image = (side // m.token_patch) ** 2
+    if m.family == "sd3":
+        text = m.clip_tokens + cfg.model.max_sequence_length
+    elif m.family == "flux":
+        text = cfg.model.max_sequence_length
+    else:
+        text = m.clip_tokens
+    return image, text
+
+
+def _cfg_rows(cfg: Config, m: ModelFacts) -> int:
+    """Rows per latent in a denoiser call: 2 with classifier-free guidance (cond + uncond)."""
+    if m.family == "flux":
+        return 2 if cfg.model.true_cfg_scale > 1 else 1
+    return 2 if cfg.model.guidance_scale > 1 else 1
+
+
+def activation_unit(cfg: Config, m: ModelFacts) -> int:
+    """Bytes of one (tokens x width) tensor of one row, in model.dtype: the unit ACTIVATIONS counts in."""
+    image, text = _tokens(cfg, m)
+    tokens = image if m.family == "sd15" else image + text
+    return tokens * m.width * DTYPE_BYTES[cfg.model.dtype]
+
+
+def learner_activations(cfg: Config, m: ModelFacts, rows: int) -> int:
+    c, unit = ACTIVATIONS[m.family], activation_unit(cfg, m)
+    if cfg.learner.gradient_checkpointing:
+        return int(rows * (c["ckpt"] * m.layers + c["recompute"]) * unit)
+    return int(rows * c["grad"] * m.layers * unit)
+
+
+def sampler_activations(cfg: Config, m: ModelFacts, rows: int) -> int:
+    return int(rows * ACTIVATIONS[m.family]["nograd"] * activation_unit(cfg, m))
+
+
+def learner_rows(cfg: Config, m: ModelFacts) -> int:
+    """Denoiser rows of one learner forward: a micro-batch of decisions (x2 with CFG)."""
+    lr = cfg.learner
+    per_step = decisions_per_iteration(cfg) // (lr.workers * lr.minibatches)
+    return min(lr.micro_batch or per_step, per_step) * _cfg_rows(cfg, m)
+
+
+def sampler_rows(cfg: Config, m: ModelFacts) -> int:
+    per_sampler = groups_per_iteration(cfg) // cfg.pools.samplers * cfg.tree.leaves_per_tree
+    rows = min(cfg.tree.max_batch, per_sampler) if cfg.tree.max_batch else per_sampler
+    return rows * _cfg_rows(cfg, m)
+
+
+def nfe_range(cfg: Config) -> tuple[int, int]:
+    """Denoiser calls per iteration (a CFG pair counts as one), over the window's possible starts."""
+    from treegrpo_ray.algo.tree import count_nfe, count_nfe_flat
+    t, groups = cfg.tree, groups_per_iteration(cfg)
+    if t.variant != "tree":
+        n = groups * count_nfe_flat(t.num_steps, t.leaves_per_tree)
+        return n, n
+    last = t.max_window_start if t.max_window_start >= 0 else t.num_steps - t.depth
+    counts = [groups * count_nfe(t.num_steps, t.k, t.depth, p) for p in range(last + 1)]
+    return min(counts), max(counts)
+
+
+def make_plan(cfg: Config, gpu_gib: float = 80.0) -> Plan:
+    m = model_facts(cfg.model.pretrained, lora_rank=cfg.model.lora_rank, lora_targets=tuple(cfg.model.lora_targets))
+    b = DTYPE_BYTES[cfg.model.dtype]
+    encoders = sum(n for _, n in m.text_encoders)
+    lr, pools = cfg.learner, cfg.pools
+    on_gpu = {"sampler": pools.sampler.num_gpus > 0, "reward": pools.reward.num_gpus > 0,
+              "learner": lr.resources.num_gpus > 0}
+
+    sampler = PoolPlan("sampler", pools.samplers, pools.sampler.num_gpus)
+    rows = sampler_rows(cfg, m)
+    sampler.items += [(f"denoiser weights ({m.denoiser_params / 1e9:.2f} B params, {cfg.model.dtype})", m.denoiser_params * b),
+                      (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b),
+                      (f"activations: no-grad forward of {rows} rows",
+                       sampler_activations(cfg, m, rows))]
+    lo, hi = nfe_range(cfg)
+    sampler.work.append(f"{leaves_per_iteration(cfg)} leaves/iteration; denoiser calls/iteration "
+                        f"{lo if lo == hi else f'{lo}-{hi} (window start)'} over {pools.samplers} samplers")
+
+    reward = PoolPlan("reward", pools.rewards, pools.reward.num_gpus)
+    scorers = [(t.name, reward_facts(t.name, t.model_name, t.checkpoint).params) for t in cfg.rewards.terms]
+    chunk = min(DECODE_CHUNK, pools.reward_chunk or DECODE_CHUNK)
+    reward.items += [(f"VAE ({m.vae_params / 1e6:.0f} M params, float32)", m.vae_params * 4)]
+    reward.items += [(f"scorer {n} ({p / 1e6:.0f} M params, float32)", p * 4) for n, p in scorers]
+    reward.items.append((f"activations: decode {chunk} images at {cfg.model.resolution}px",
+                         int(chunk * VAE_DECODE * cfg.model.resolution ** 2 * m.vae_channels * 4)))
+    reward.work.append(f"{leaves_per_iteration(cfg)} images decoded + scored per iteration over {pools.rewards} actors")
+
+    learner = PoolPlan("learner", lr.workers, lr.resources.num_gpus)
+    shard = lr.workers if lr.strategy == "fsdp" else 1
+    lora = cfg.model.lora_rank > 0
+    trainable = m.lora_params if lora else m.denoiser_params
+    tb = 4 if lora else b
+    how = f"/{shard} (FSDP)" if shard > 1 else ""
+    learner.items += [(f"denoiser weights{how}", m.denoiser_params * b // shard),
+                      (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b)]
+    if lora:
+        learner.items.append((f"LoRA adapters (rank {cfg.model.lora_rank}, {trainable / 1e6:.1f} M params, float32)",
+                              trainable * 4))
+    elif lr.kl_beta > 0:
+        learner.items.append(("frozen reference denoiser (KL, full fine-tune)", m.denoiser_params * b))
+    learner.items += [(f"gradients ({trainable / 1e6:.1f} M trainable){how}", trainable * tb // shard),
+                      (f"AdamW moments{how}", 2 * trainable * tb // shard)]
+    rows = learner_rows(cfg, m)
+    ckpt = "with" if lr.gradient_checkpointing else "without"
+    learner.items.append((f"activations: {rows} rows, {ckpt} gradient checkpointing",
+                          learner_activations(cfg, m, rows)))
+    n = decisions_per_iteration(cfg)
+    learner.work.append(f"{n} decisions/iteration -> {lr.workers} workers x {lr.minibatches} optimizer steps x "
+                        f"{lr.epochs} epochs; {n * lr.epochs} forward+backward rows x{_cfg_rows(cfg, m)} (CFG)")
+
+    problems = []
+    for pool in (sampler, reward, learner):
+        if on_gpu[pool.name]:
+            pool.items.append(("CUDA context + allocator slack", CUDA_RESERVE))
+            budget = gpu_gib * GiB * min(pool.num_gpus, 1.0)  # fractional num_gpus: a share of one GPU
+            if pool.total > budget:
+                problems.append(f"{pool.name}: needs {pool.total / GiB:.1f} GiB per actor, its share of a "
+                                f"{gpu_gib:g} GiB GPU is {budget / GiB:.1f} GiB; {_fix(cfg, pool.name, lora)}")
+    return Plan(m, [sampler, reward, learner], gpu_gib, problems)
+
+
+def _fix(cfg: Config, pool: str, lora: bool) -> str:
+    if pool == "sampler":
+        return "lower tree.max_batch (rows per denoiser call) or give each sampler more of a GPU (pools.sampler.num_gpus)"
+    if pool == "reward":
+        return "set pools.reward_chunk (leaves per call) lower, or give each reward actor a whole GPU"
+    fixes = []
+    if not lora:
+        fixes.append("train LoRA (model.lora_rank=32)")
+        if cfg.learner.strategy == "ddp":
+            fixes.append("shard with learner.strategy=fsdp over more learner.workers")
+    if not cfg.learner.gradient_checkpointing:
+        fixes.append("set learner.gradient_checkpointing=true")
+    fixes.append("lower learner.micro_batch")
+    return "fix: " + ", or ".join(fixes)
+
+
+def render(plan: Plan) -> str:
+    m = plan.model
+    lines = [f"model: {m.pretrained} ({m.family}, {m.denoiser_class}, {m.denoiser_params:,} params) -- {m.source}"]
+    for pool in plan.pools:
+        where = f"{pool.num_gpus:g} GPU each" if pool.num_gpus > 0 else "CPU (host memory)"
+        lines.append(f"{pool.name}: {pool.actors} x ({where})")
+        for what, nbytes in pool.items:
+            lines.append(f"  {nbytes / GiB:8.2f} GiB  {what}")
+        lines.append(f"  {pool.total / GiB:8.2f} GiB  total per {'worker' if pool.name == 'learner' else 'actor'}")
+        lines += [f"  {w}" for w in pool.work]
+    if plan.problems:
+        lines += ["does not fit:"] + [f"  {p}" for p in plan.problems]
+    else:
+        lines.append(f"fits: every GPU pool within its share of a {plan.gpu_gib:g} GiB GPU")
+    return "\n".join(lines)
+
+
+def check(plan: Plan) -> None:
+    """Raise ConfigError for a plan that does not fit (the message names the pool and the fix)."""
+    if plan.problems:
+        raise ConfigError("the plan does not fit: " + "; ".join(plan.problems))
