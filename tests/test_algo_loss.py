@@ -117,3 +117,19 @@ def test_kl_to_reference_hand_computed():
     assert mean.grad[0, 0, 0, 0].item() == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="std > 0"):
         kl_to_reference(mean, ref, torch.zeros(2, 1, 1, 1))
+
+
+def test_decoupled_weights_hand_computed():
+    """Decoupled PPO: per-edge weights multiply the clipped terms. Edge 0: r = 1, A = 1 -> -1 x w 2;
+    edge 1: r = 1.5 clipped to 1.2 at eps 0.2, A = 1 -> -1.2 x w 0.5; mean = (-2 - 0.6) / 2 = -1.3."""
+    logp_new = torch.tensor([0.0, math.log(1.5)], requires_grad=True)
+    loss, _ = grpo_clip_loss(logp_new, torch.zeros(2), torch.ones(2), 0.2, weights=torch.tensor([2.0, 0.5]))
+    assert loss.item() == pytest.approx(-1.3)
+    loss.backward()
+    # d/dlogp of -w A r / 2 at the unclipped edge 0: -2 x 1 x 1 / 2 = -1; the clipped edge has none
+    assert logp_new.grad.tolist() == pytest.approx([-1.0, 0.0])
+    unit, _ = grpo_clip_loss(logp_new, torch.zeros(2), torch.ones(2), 0.2, weights=torch.ones(2))
+    plain, _ = grpo_clip_loss(logp_new, torch.zeros(2), torch.ones(2), 0.2)
+    assert unit.item() == plain.item()
+    with pytest.raises(ValueError, match="weights shape"):
+        grpo_clip_loss(logp_new, torch.zeros(2), torch.ones(2), 0.2, weights=torch.ones(3))

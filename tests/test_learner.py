@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from treegrpo_ray.algo.sde import flow_sde_step
-from treegrpo_ray.learning.learner import GRPOLearner, TrainingDiverged, decision_advantages
+from treegrpo_ray.learning.learner import GRPOLearner, TrainingDiverged, UpdateChangedNothing, decision_advantages
 from treegrpo_ray.types import TreeBatch
 
 
@@ -122,3 +122,50 @@ def test_state_roundtrip():
     learner.update(batch, torch.tensor([1.0, -1.0]), iteration=1)
     twin.update(batch, torch.tensor([1.0, -1.0]), iteration=1)
     assert twin.policy.w.item() == pytest.approx(policy.w.item(), abs=1e-7)
+
+
+def _stale_setup(stale_correction: str):
+    """A learner one update ahead of the batch it then trains on (the batch was grown at version 0)."""
+    policy = ConstantVelocityPolicy()
+    stale = one_decision_batch(policy, k=2, seed=1)
+    learner = GRPOLearner(policy, lr=0.05, clip_eps=1e-4, noise_level=0.7, grad_clip=0.0,
+                          stale_correction=stale_correction)
+    learner.update(one_decision_batch(policy, k=2, seed=0), torch.tensor([1.0, -1.0]))  # weights move, version 1
+    return policy, stale, learner
+
+
+def test_stale_tree_is_clipped_against_the_proximal_policy():
+    policy, stale, learner = _stale_setup("decoupled")
+    assert policy.w.item() != 0.0 and learner.version == 1 and stale.policy_version == 0
+    with torch.no_grad():  # by hand: the stale children's log-probs under the weights the update starts from
+        v = policy.predict(stale.latents, None, None)
+        prox = flow_sde_step(stale.latents, v, stale.sigmas[1:2], stale.sigmas[2:3], 0.7,
+                             prev_sample=stale.children).log_prob
+    weight = (prox - stale.old_log_probs).exp()
+    m = learner.update(stale, torch.tensor([1.0, -1.0]))
+    # one minibatch, one step: its ratio is taken against the proximal policy, so it starts at 1
+    # exactly and nothing is clipped even at the authors' eps 1e-4; the edge weights pi_prox / pi_tree
+    assert m["staleness/lag"] == 1.0
+    assert m["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["loss/clip_frac"] == 0.0
+    assert m["staleness/is_weight_mean"] == pytest.approx(weight.mean().item(), rel=1e-6)
+    assert m["staleness/is_weight_max"] == pytest.approx(weight.max().item(), rel=1e-6)
+    assert weight.sub(1).abs().max() > 1e-3          # the weights did move: the correction is not a no-op
+
+
+def test_without_correction_a_stale_tree_is_clipped_away():
+    """What the correction is for: at eps 1e-4 a one-version-old tree's ratios all lie outside the
+    trust region on the clipped side, no gradient is left, and the learner's guard stops the run."""
+    _, stale, learner = _stale_setup("none")
+    with pytest.raises(UpdateChangedNothing, match="no gradient reached"):
+        learner.update(stale, torch.tensor([1.0, -1.0]))
+
+
+def test_on_policy_update_is_the_same_with_or_without_correction():
+    ws = []
+    for mode in ("decoupled", "none"):
+        policy = ConstantVelocityPolicy()
+        learner = GRPOLearner(policy, lr=0.05, clip_eps=0.2, noise_level=0.7, grad_clip=0.0, stale_correction=mode)
+        m = learner.update(one_decision_batch(policy, k=2), torch.tensor([1.0, -1.0]))
+        assert m["staleness/lag"] == 0.0 and "staleness/is_weight_mean" not in m
+        ws.append(policy.w.item())
+    assert ws[0] == ws[1]

@@ -35,6 +35,19 @@ def test_local_run_writes_checkpoints_export_and_metrics(tiny_sd3_dir, tmp_path)
     assert [s for s, _ in metric_steps(summary, "perf/nfe")] == [1, 2]
 
 
+def test_staleness_one_trains_on_one_version_old_trees_with_the_decoupled_objective(tiny_sd3_dir, tmp_path):
+    """max_staleness=1 in-process: iteration i+1's trees are grown while the learner trains on i's,
+    so from iteration 2 on the learner is one version ahead of its trees; at the authors' clip
+    eps 1e-4 the decoupled objective still trains (the plain one would clip the whole update away)."""
+    summary = run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=local", "iterations=3", "max_staleness=1",
+                            "learner.clip_eps=1e-4"))
+    lags = dict(metric_steps(summary, "staleness/lag"))
+    assert lags == {1: 0.0, 2: 1.0, 3: 1.0}
+    weights = dict(metric_steps(summary, "staleness/is_weight_mean"))
+    assert sorted(weights) == [2, 3] and all(0.5 < w < 2.0 for w in weights.values())
+    assert all(v == 0.0 for _, v in metric_steps(summary, "learner/skipped_updates"))
+
+
 def test_resume_continues_the_same_run_and_replays_exactly(tiny_sd3_dir, tmp_path):
     full = run(smoke_cfg(tiny_sd3_dir, tmp_path / "full", "mode=local", "iterations=3"))
     # "kill" after iteration 2, then resume to 3

@@ -135,6 +135,9 @@ class LearnerConfig:
                                        "enable_gradient_checkpointing): less learner memory, ~1 extra forward")
     resources: ResourcesConfig = doc(ResourcesConfig(num_cpus=2.0), "resources of each learner worker (num_cpus = "
                                      "its torch threads; 2 suits a laptop, where on-policy stages take turns)")
+    stale_correction: str = doc("decoupled", "trees older than the learner (max_staleness >= 1): decoupled (decoupled "
+                                "PPO: clip against the weights the update starts from, re-scored, and weight each edge "
+                                "by pi_prox / pi_tree) | none (clip against the tree's own log-probs)")
     max_bad_updates: int = doc(3, "consecutive skipped (non-finite / exploding) updates before the run stops")
     explode_factor: float = doc(100.0, "an update whose grad norm exceeds this x the running median is skipped")
 
@@ -355,6 +358,8 @@ def _validate_learner(cfg: Config) -> None:
     for key in ("workers", "minibatches", "epochs"):
         _check(getattr(lr, key) >= 1, f"learner.{key}", f"{getattr(lr, key)} must be >= 1", "use 1")
     _check(lr.micro_batch >= 0, "learner.micro_batch", f"{lr.micro_batch} must be >= 0", "use 0 for the whole minibatch")
+    _check(lr.stale_correction in ("decoupled", "none"), "learner.stale_correction",
+           f"{lr.stale_correction!r} is not decoupled | none", "use decoupled")
     _check(lr.max_bad_updates >= 1, "learner.max_bad_updates", f"{lr.max_bad_updates} must be >= 1", "use 3")
     n, parts = decisions_per_iteration(cfg), lr.workers * lr.minibatches
     _check(n % parts == 0, "learner.workers x learner.minibatches",

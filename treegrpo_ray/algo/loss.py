@@ -21,9 +21,15 @@ import torch
 
 
 def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
-                   clip_eps: float) -> tuple[torch.Tensor, dict[str, float]]:
+                   clip_eps: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate loss averaged over edges. logp_new, logp_old: any shape, e.g. (N, K);
-    advantages broadcastable to it. Returns (scalar loss, metrics of python floats)."""
+    advantages broadcastable to it. Returns (scalar loss, metrics of python floats).
+
+    weights (optional, shape of logp_new, no gradient): per-edge importance weights. Decoupled PPO
+    (Hilton et al. 2021, "Batch size-invariance for policy optimization") for stale trees: logp_old
+    is the proximal policy's (the weights the update starts from, recomputed by the learner), the
+    ratio is clipped against it, and weights = pi_prox / pi_behaviour corrects for the older
+    weights that grew the tree: loss = mean(w * max(-A r, -A clip(r, 1 +- eps)))."""
     if logp_old.shape != logp_new.shape:
         raise ValueError(f"logp_old shape {tuple(logp_old.shape)} differs from logp_new {tuple(logp_new.shape)}")
     try:
@@ -42,6 +48,10 @@ def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     pg_loss = torch.max(pg_loss1, pg_loss2)
+    if weights is not None:
+        if weights.shape != logp_new.shape:
+            raise ValueError(f"weights shape {tuple(weights.shape)} differs from logp_new {tuple(logp_new.shape)}")
+        pg_loss = pg_loss * weights.detach().float()
     loss = pg_loss.mean()
     with torch.no_grad():
         metrics = {

@@ -78,7 +78,8 @@ class GRPOLearner:
                  kl_beta: float = 0.0,
                  grad_clip: float = 1.0, minibatches: int = 1, epochs: int = 1, micro_batch: int = 0,
                  noise_level: float = 0.7, logprob_reduction: str = "mean", max_bad_updates: int = 3,
-                 explode_factor: float = 100.0, rank: int = 0, world_size: int = 1, seed: int = 0):
+                 explode_factor: float = 100.0, stale_correction: str = "decoupled", rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
         self.policy, self.module = policy, module
         self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
@@ -87,6 +88,9 @@ class GRPOLearner:
         self.grad_clip, self.minibatches, self.epochs, self.micro_batch = grad_clip, minibatches, epochs, micro_batch
         self.noise_level, self.reduction = noise_level, logprob_reduction
         self.max_bad_updates, self.explode_factor = max_bad_updates, explode_factor
+        if stale_correction not in ("decoupled", "none"):
+            raise ValueError(f"stale_correction must be 'decoupled' or 'none', got {stale_correction!r}")
+        self.stale_correction = stale_correction
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bad_in_a_row, self.skipped_total, self.version = 0, 0, 0
         self._norms: list[float] = []
@@ -103,11 +107,15 @@ class GRPOLearner:
         metrics: list[dict[str, float]] = []
         before = fingerprint(self.policy.live_state())
         gen = torch.Generator().manual_seed(iteration_seed(self.seed, iteration))
-        for _ in range(self.epochs):
-            order = torch.randperm(n, generator=gen)  # same on every rank (same seed)
-            mine = order[self.rank::self.world_size]
-            for rows in mine.chunk(self.minibatches):
-                metrics.append(self._step(batch, adv, rows, device))
+        lag = self.version - batch.policy_version
+        order = [torch.randperm(n, generator=gen) for _ in range(self.epochs)]  # same on every rank (same seed)
+        mine = [o[self.rank::self.world_size] for o in order]
+        used = torch.cat(mine).unique()  # every edge this worker trains on, over all epochs
+        prox = self._proximal_log_probs(batch, used, device) if lag > 0 and self.stale_correction == "decoupled" \
+            else None
+        for rows_of_epoch in mine:
+            for rows in rows_of_epoch.chunk(self.minibatches):
+                metrics.append(self._step(batch, adv, rows, device, prox))
         after = fingerprint(self.policy.live_state())
         self._check_changed(before, after, metrics, bool(adv.abs().sum() > 0))
         self.version += 1
@@ -116,7 +124,25 @@ class GRPOLearner:
         out["learner/skipped_updates"] = float(sum(m["learner/skipped"] for m in metrics))
         out["learner/decisions"] = float(n)
         out["adv/mean"], out["adv/abs_mean"] = float(adv.mean()), float(adv.abs().mean())
+        out["staleness/lag"] = float(lag)
+        if prox is not None:
+            w = self._weights(batch, prox, used)
+            out["staleness/is_weight_mean"], out["staleness/is_weight_max"] = float(w.mean()), float(w.max())
         return out
+
+    def _proximal_log_probs(self, batch: TreeBatch, rows: torch.Tensor, device) -> torch.Tensor:
+        """Decoupled PPO's proximal log-probs: this worker's edges re-scored, without gradient, under
+        the weights the update starts from. (N, K), filled at `rows` (NaN elsewhere)."""
+        prox = torch.full_like(batch.old_log_probs, float("nan"))
+        for chunk in rows.split(self.micro_batch) if self.micro_batch else (rows,):
+            with torch.no_grad():
+                prox[chunk] = self._rescore(batch, chunk, device)[0].log_prob.float().cpu()
+        return prox
+
+    @staticmethod
+    def _weights(batch: TreeBatch, prox: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """pi_prox / pi_behaviour per edge of `rows`: the importance weight of a stale tree's edge."""
+        return (prox[rows] - batch.old_log_probs[rows].float()).exp()
 
     def _check_changed(self, before, after, metrics: list[dict[str, float]], signal: bool) -> None:
         """Stop if the update could not have trained the model: advantages but no gradient at the
@@ -140,7 +166,8 @@ class GRPOLearner:
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
 
-    def _step(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device) -> dict[str, float]:
+    def _step(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device,
+              prox: torch.Tensor | None = None) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         chunks = rows.split(self.micro_batch) if self.micro_batch else (rows,)
         totals: dict[str, float] = {}
@@ -148,14 +175,15 @@ class GRPOLearner:
             sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(self.module, "no_sync") \
                 else self.module.no_sync()
             with sync:
-                loss, m = self._loss(batch, adv, chunk, device)
+                loss, m = self._loss(batch, adv, chunk, device, prox)
                 (loss * chunk.numel() / rows.numel()).backward()
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v * chunk.numel() / rows.numel()
         totals.update(self._apply_gradients())
         return totals
 
-    def _loss(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device):
+    def _rescore(self, batch: TreeBatch, rows: torch.Tensor, device):
+        """The stored children of decisions `rows` scored under the current weights: (SDEStep, inputs)."""
         latents = batch.latents[rows].to(device)                      # (n, C, H, W)
         children = batch.children[rows].to(device)                    # (n, K, C, H, W)
         step = batch.step_index[rows]
@@ -164,8 +192,16 @@ class GRPOLearner:
         out = self.policy.predict(latents, sigma, prompts, module=self.module)
         new = self.policy.sde_step(latents, out, sigma, sigma_next, self.noise_level, prev_sample=children,
                                    reduction=self.reduction)
-        loss, metrics = grpo_clip_loss(new.log_prob, batch.old_log_probs[rows].to(device), adv[rows].to(device),
-                                       self.clip_eps)
+        return new, (latents, children, sigma, sigma_next, prompts)
+
+    def _loss(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device, prox: torch.Tensor | None = None):
+        new, (latents, children, sigma, sigma_next, prompts) = self._rescore(batch, rows, device)
+        if prox is None:   # on-policy (or correction off): clip against the behaviour policy
+            loss, metrics = grpo_clip_loss(new.log_prob, batch.old_log_probs[rows].to(device), adv[rows].to(device),
+                                           self.clip_eps)
+        else:              # stale trees: clip against the proximal policy, weight by pi_prox / pi_behaviour
+            loss, metrics = grpo_clip_loss(new.log_prob, prox[rows].to(device), adv[rows].to(device), self.clip_eps,
+                                           weights=self._weights(batch, prox, rows).to(device))
         metrics = {f"loss/{k}": v for k, v in metrics.items()}
         metrics["loss/policy"] = float(loss.detach())
         if self.kl_beta > 0:
