@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from treegrpo_ray.algo.loss import grpo_clip_loss, kl_to_reference
+from treegrpo_ray.algo.loss import flow_grpo_kl, grpo_clip_loss, kl_to_reference
 
 torch.set_num_threads(1)
 EPS = 0.2
@@ -133,3 +133,19 @@ def test_decoupled_weights_hand_computed():
     assert unit.item() == plain.item()
     with pytest.raises(ValueError, match="weights shape"):
         grpo_clip_loss(logp_new, torch.zeros(2), torch.ones(2), 0.2, weights=torch.ones(3))
+
+
+def test_flow_grpo_kl_is_the_exact_kl_times_minus_dt_hand_computed():
+    # row 0: one of 4 elements differs by 1, std 0.5 at dt -0.25 -> sigma_t = 0.5 / sqrt(0.25) = 1:
+    #   Flow-GRPO: 1 / (2 * 1^2) / 4 = 0.125 (the exact KL: 0.5)
+    # row 1: every element differs by 0.1, std 0.1 at dt -0.5 -> sigma_t^2 = 0.01 / 0.5 = 0.02:
+    #   Flow-GRPO: 0.01 / (2 * 0.02) = 0.25 (the exact KL: 0.5)
+    mean = torch.zeros(2, 1, 2, 2)
+    ref = torch.zeros(2, 1, 2, 2)
+    ref[0, 0, 0, 0] = 1.0
+    ref[1] = 0.1
+    std = torch.tensor([0.5, 0.1]).reshape(2, 1, 1, 1)
+    torch.testing.assert_close(flow_grpo_kl(mean, ref, std, torch.tensor([-0.25, -0.5])), torch.tensor([0.125, 0.25]))
+    torch.testing.assert_close(kl_to_reference(mean, ref, std), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="dt = sigma_next - sigma < 0"):
+        flow_grpo_kl(mean, ref, std, torch.tensor([0.1, -0.5]))

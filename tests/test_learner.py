@@ -169,3 +169,28 @@ def test_on_policy_update_is_the_same_with_or_without_correction():
         assert m["staleness/lag"] == 0.0 and "staleness/is_weight_mean" not in m
         ws.append(policy.w.item())
     assert ws[0] == ws[1]
+
+
+class AnchoredPolicy(ConstantVelocityPolicy):
+    """The reference policy is w = 0 (the start), whatever w has become."""
+
+    @contextlib.contextmanager
+    def reference(self):
+        w = self.w.data.clone()
+        self.w.data.zero_()
+        try:
+            yield
+        finally:
+            self.w.data.copy_(w)
+
+
+def test_kl_forms_differ_by_minus_dt():
+    """The decision steps sigma 0.5 -> 0, dt = -0.5: the exact KL is 1 / 0.5 = 2x Flow-GRPO's."""
+    kls = {}
+    for form in ("flow_grpo", "exact"):
+        policy = AnchoredPolicy(0.3)       # the reference sits at 0, the policy at 0.3
+        batch = one_decision_batch(policy, k=2)
+        learner = GRPOLearner(policy, lr=0.05, noise_level=0.7, kl_beta=0.1, kl_form=form)
+        kls[form] = learner.update(batch, torch.tensor([1.0, -1.0]))["loss/kl_ref"]
+    assert kls["flow_grpo"] > 0
+    assert kls["exact"] == pytest.approx(2 * kls["flow_grpo"], rel=1e-6)

@@ -99,7 +99,7 @@ def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size
         policy.denoiser.enable_gradient_checkpointing()
     return GRPOLearner(policy, module=module, lr=lr.lr, weight_decay=lr.weight_decay, betas=lr.betas,
                        clip_eps=lr.clip_eps, weighting=lr.weighting, temperature=lr.temperature, baseline=lr.edge_baseline,
-                       kl_beta=lr.kl_beta,
+                       kl_beta=lr.kl_beta, kl_form=lr.kl_form,
                        grad_clip=lr.grad_clip, minibatches=lr.minibatches, epochs=lr.epochs,
                        micro_batch=lr.micro_batch, noise_level=cfg.tree.noise_level,
                        logprob_reduction=cfg.tree.logprob_reduction, max_bad_updates=lr.max_bad_updates,
@@ -128,6 +128,9 @@ def check_family(cfg: Config, pipeline_class: str | None) -> None:
     if cfg.model.kind not in ("auto", family.kind):
         raise ConfigError(f"model.kind: {cfg.model.kind} but {cfg.model.pretrained!r} is a {pipeline_class} "
                           f"({family.kind}); use model.kind=auto")
+    if family.kind == "ddim" and cfg.learner.kl_beta > 0 and cfg.learner.kl_form != "exact":
+        raise ConfigError(f"learner.kl_form: {cfg.learner.kl_form} is Flow-GRPO's flow-matching form and "
+                          f"{pipeline_class} is a DDIM model; use learner.kl_form=exact")
     if cfg.model.true_cfg_scale != 1 and family.__name__ != "FluxFamily":
         raise ConfigError(f"model.true_cfg_scale: only FLUX takes it, {pipeline_class} runs classifier-free guidance "
                           "with model.guidance_scale; leave model.true_cfg_scale=1")

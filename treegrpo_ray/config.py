@@ -123,7 +123,10 @@ class LearnerConfig:
     temperature: float = doc(1.0, "softmax weighting temperature")
     edge_baseline: str = doc("none", "edge advantage: none (paper: V(child)) | parent (V(child) - V(node): "
                              "each child against its siblings; tree variant only)")
-    kl_beta: float = doc(0.0, "weight of the KL-to-reference term (Flow-GRPO form); 0 = off")
+    kl_beta: float = doc(0.0, "weight of the KL-to-reference term (form: learner.kl_form); 0 = off")
+    kl_form: str = doc("flow_grpo", "flow_grpo (Flow-GRPO's |dmu|^2 / (2 sigma_t^2): a beta from its configs means the "
+                       "same here; flow families only) | exact (the Gaussian step KL |dmu|^2 / (2 s^2), s = sigma_t "
+                       "sqrt(-dt): 1/(-dt) times larger, 7-112x at T=10)")
     grad_clip: float = doc(1.0, "max gradient norm; 0 = no clipping")
     minibatches: int = doc(1, "optimizer steps per iteration (decisions split evenly)")
     epochs: int = doc(1, "passes over an iteration's decisions")
@@ -358,6 +361,11 @@ def _validate_learner(cfg: Config) -> None:
     for key in ("workers", "minibatches", "epochs"):
         _check(getattr(lr, key) >= 1, f"learner.{key}", f"{getattr(lr, key)} must be >= 1", "use 1")
     _check(lr.micro_batch >= 0, "learner.micro_batch", f"{lr.micro_batch} must be >= 0", "use 0 for the whole minibatch")
+    _check(lr.kl_form in ("flow_grpo", "exact"), "learner.kl_form", f"{lr.kl_form!r} is not flow_grpo | exact",
+           "use flow_grpo (Flow-GRPO's beta scale) or exact")
+    _check(lr.kl_form == "exact" or cfg.model.kind != "ddim" or lr.kl_beta == 0, "learner.kl_form",
+           "flow_grpo is Flow-GRPO's flow-matching form; a DDIM model has only the exact step KL",
+           "use learner.kl_form=exact")
     _check(lr.stale_correction in ("decoupled", "none"), "learner.stale_correction",
            f"{lr.stale_correction!r} is not decoupled | none", "use decoupled")
     _check(lr.max_bad_updates >= 1, "learner.max_bad_updates", f"{lr.max_bad_updates} must be >= 1", "use 3")

@@ -77,3 +77,14 @@ def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tenso
         raise ValueError("kl_to_reference needs std > 0 (a deterministic step has no Gaussian KL)")
     sq = (mean.float() - mean_ref.detach().float()) ** 2       # (B, C, H, W)
     return (sq / (2 * std ** 2)).mean(dim=(1, 2, 3))           # (B,)
+
+
+def flow_grpo_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's KL term: |mean - mean_ref|^2 / (2 sigma_t^2) averaged over (C, H, W), where the
+    step's std is s = sigma_t * sqrt(-dt); i.e. kl_to_reference(mean, mean_ref, s) * (-dt). It is
+    the exact step KL scaled by -dt (dt = sigma_next - sigma < 0), so a beta tuned on Flow-GRPO
+    means the same here. dt broadcastable to (B,), e.g. (B,). Returns (B,)."""
+    dt = dt.float().reshape(-1)
+    if not bool((dt < 0).all()):
+        raise ValueError("flow_grpo_kl needs dt = sigma_next - sigma < 0 (a denoising step)")
+    return kl_to_reference(mean, mean_ref, std) * (-dt)

@@ -23,7 +23,7 @@ import statistics
 import torch
 
 from treegrpo_ray.algo.advantages import edge_advantages
-from treegrpo_ray.algo.loss import grpo_clip_loss, kl_to_reference
+from treegrpo_ray.algo.loss import flow_grpo_kl, grpo_clip_loss, kl_to_reference
 from treegrpo_ray.algo.seeds import iteration_seed
 from treegrpo_ray.models.fingerprint import differing, digest, fingerprint
 from treegrpo_ray.types import TreeBatch
@@ -75,7 +75,7 @@ class GRPOLearner:
 
     def __init__(self, policy, *, module=None, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999),
                  clip_eps: float = 0.2, weighting: str = "uniform", temperature: float = 1.0, baseline: str = "none",
-                 kl_beta: float = 0.0,
+                 kl_beta: float = 0.0, kl_form: str = "flow_grpo",
                  grad_clip: float = 1.0, minibatches: int = 1, epochs: int = 1, micro_batch: int = 0,
                  noise_level: float = 0.7, logprob_reduction: str = "mean", max_bad_updates: int = 3,
                  explode_factor: float = 100.0, stale_correction: str = "decoupled", rank: int = 0,
@@ -84,6 +84,9 @@ class GRPOLearner:
         self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
         self.clip_eps, self.weighting, self.temperature, self.kl_beta = clip_eps, weighting, temperature, kl_beta
+        if kl_form not in ("flow_grpo", "exact"):
+            raise ValueError(f"kl_form must be 'flow_grpo' or 'exact', got {kl_form!r}")
+        self.kl_form = kl_form
         self.baseline = baseline
         self.grad_clip, self.minibatches, self.epochs, self.micro_batch = grad_clip, minibatches, epochs, micro_batch
         self.noise_level, self.reduction = noise_level, logprob_reduction
@@ -209,7 +212,8 @@ class GRPOLearner:
                 out_ref = self.policy.predict(latents, sigma, prompts)
             ref = self.policy.sde_step(latents, out_ref, sigma, sigma_next, self.noise_level, prev_sample=children,
                                        reduction=self.reduction)
-            kl = kl_to_reference(new.mean, ref.mean, new.std).mean()
+            kl = (flow_grpo_kl(new.mean, ref.mean, new.std, sigma_next - sigma) if self.kl_form == "flow_grpo"
+                  else kl_to_reference(new.mean, ref.mean, new.std)).mean()
             loss = loss + self.kl_beta * kl
             metrics["loss/kl_ref"] = float(kl.detach())
         metrics["loss/total"] = float(loss.detach())
