@@ -139,16 +139,36 @@ def two_leaf_batch(policy):
 
 
 def test_an_update_below_the_dtypes_resolution_stops():
-    # bf16 has 8 significant bits: at w = 1 the next value is 1 + 2^-7, and an Adam step is ~lr = 1e-5
-    policy = ScalarPolicy(1.0, torch.bfloat16)
-    learner = GRPOLearner(policy, lr=1e-5, noise_level=0.7, grad_clip=0.0)
+    # float32 has 24 significant bits: at w = 1 the next value is 1 + 2^-23 ~ 1.2e-7, and an Adam step is ~lr = 1e-9
+    policy = ScalarPolicy(1.0)
+    learner = GRPOLearner(policy, lr=1e-9, noise_level=0.7, grad_clip=0.0)
     with pytest.raises(UpdateChangedNothing, match=r"update 1 took 1 optimizer steps .* no weight of the policy's "
-                                                   r"denoiser changed.*learner.lr=1e-05 .*\(bfloat16\)"):
+                                                   r"denoiser changed.*learner.lr=1e-09 .*\(float32\)"):
         learner.update(two_leaf_batch(policy), torch.tensor([1.0, -1.0]))
     fp32 = ScalarPolicy(1.0)
     metrics = GRPOLearner(fp32, lr=1e-5, noise_level=0.7, grad_clip=0.0).update(two_leaf_batch(fp32),
                                                                                torch.tensor([1.0, -1.0]))
     assert fp32.w.item() != 1.0 and metrics["weights/fingerprint"] == int(digest(fingerprint({"w": fp32.w})), 16)
+
+
+def test_bf16_weights_train_through_float32_masters():
+    """bf16 has 8 significant bits: at w = 1 the next value is 1 + 2^-7 = 1.0078. Adam steps of ~1e-3
+    round away one by one in bf16; the learner's float32 master accumulates them, and after enough
+    steps the bf16 weight moves by one bf16 ulp, where the float32 run has moved by as much."""
+    policy = ScalarPolicy(1.0, torch.bfloat16)
+    learner = GRPOLearner(policy, lr=1e-3, noise_level=0.7, grad_clip=0.0)
+    batch = two_leaf_batch(policy)
+    learner.update(batch, torch.tensor([1.0, -1.0]))     # a step below bf16's resolution is not an error now
+    assert policy.w.item() == 1.0 and learner.masters[0].item() != 1.0
+    for i in range(1, 12):
+        learner.update(batch, torch.tensor([1.0, -1.0]), iteration=i)
+    master = learner.masters[0].item()
+    assert abs(master - 1.0) > 2 ** -8                    # past half a bf16 ulp: the bf16 weight must have moved
+    assert policy.w.item() == torch.tensor(master).to(torch.bfloat16).item() != 1.0
+    # the state round-trips: a fresh learner over the same weights resumes from the same master
+    twin = GRPOLearner(ScalarPolicy(policy.w.item(), torch.bfloat16), lr=1e-3, noise_level=0.7, grad_clip=0.0)
+    twin.load_state(learner.state())
+    assert twin.masters[0].item() == master
 
 
 def test_zero_advantages_are_not_an_error():

@@ -75,6 +75,10 @@ def test_hand_computed_learner_arithmetic(tiny):
     got, n = items(lora, "learner"), lora.model.lora_params
     assert find(got, "denoiser weights") == p * 2                      # bfloat16, DDP: whole
     assert find(got, "LoRA adapters") == n * 4 and find(got, "gradients") == n * 4 and find(got, "AdamW") == 8 * n
+    # a bf16 full fine-tune: float32 masters (4 B), float32 + bf16 gradients (6 B), float32 moments (8 B)
+    full = items(plan.make_plan(load_config(None, base + ["model.dtype=bfloat16"])), "learner")
+    assert find(full, "float32 master weights") == 4 * p and find(full, "gradients") == 6 * p
+    assert find(full, "AdamW") == 8 * p
 
 
 def test_nfe_range_matches_count_nfe():
@@ -101,9 +105,9 @@ def test_shipped_gpu_layouts_fit_80gb(config):
 
 
 def test_full_finetune_of_sd35m_on_one_gpu_is_refused_with_the_fix():
-    """SD3.5-medium fully fine-tuned (bf16, AdamW) by one DDP learner on one 80 GB GPU without gradient
-    checkpointing: ~107 GiB. (With checkpointing the plan says it fits: 8 bytes per parameter, since
-    torch's AdamW keeps bf16 moments for bf16 weights, and ~9 GiB of activations.)"""
+    """SD3.5-medium fully fine-tuned (bf16 weights, float32 masters, AdamW) by one DDP learner on one
+    80 GB GPU without gradient checkpointing: ~132 GiB. (With checkpointing the plan says ~62 GiB: it
+    fits, at 20 bytes per parameter and ~9 GiB of activations.)"""
     out = cli("--config", "sd35m_hps", "model.lora_rank=0", "learner.workers=1", "learner.gradient_checkpointing=false")
     assert out.returncode == 2
     assert "config error: the plan does not fit: learner: needs" in out.stderr

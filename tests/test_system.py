@@ -48,11 +48,13 @@ def test_staleness_one_trains_on_one_version_old_trees_with_the_decoupled_object
     assert all(v == 0.0 for _, v in metric_steps(summary, "learner/skipped_updates"))
 
 
-def test_resume_continues_the_same_run_and_replays_exactly(tiny_sd3_dir, tmp_path):
-    full = run(smoke_cfg(tiny_sd3_dir, tmp_path / "full", "mode=local", "iterations=3"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 full fine-tune: the float32 masters resume too
+def test_resume_continues_the_same_run_and_replays_exactly(tiny_sd3_dir, tmp_path, dtype):
+    full = run(smoke_cfg(tiny_sd3_dir, tmp_path / "full", "mode=local", "iterations=3", f"model.dtype={dtype}"))
     # "kill" after iteration 2, then resume to 3
-    first = run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", "mode=local", "iterations=2"))
-    resumed = run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", "mode=local", "iterations=3", "checkpoint.resume=latest"))
+    first = run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", "mode=local", "iterations=2", f"model.dtype={dtype}"))
+    resumed = run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", "mode=local", "iterations=3", "checkpoint.resume=latest",
+                            f"model.dtype={dtype}"))
     assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
     steps = [s for s, _ in metric_steps(resumed, "reward/combined")]
     assert steps == [1, 2, 3]                              # no lost or duplicated iteration numbers

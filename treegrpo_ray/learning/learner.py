@@ -11,7 +11,9 @@ Departures: none in the maths; the update guard (skip non-finite or exploding up
 `max_bad_updates` in a row) is ours, so a bad batch never reaches the weights, and so is the
 check that an optimizer step changed the policy's live weights at all (fingerprints before and
 after: an optimizer bound to copies, or a learning rate below the weights' dtype resolution,
-stops the run instead of training nothing).
+stops the run instead of training nothing). Mixed precision: bf16/fp16 trainable weights are
+stepped through float32 masters (saved in state()); trees older than the learner (max_staleness
+>= 1) use decoupled PPO (`stale_correction`, algo.loss.grpo_clip_loss's weights).
 """
 from __future__ import annotations
 
@@ -82,7 +84,15 @@ class GRPOLearner:
                  world_size: int = 1, seed: int = 0):
         self.policy, self.module = policy, module
         self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        # bf16/fp16 trainable weights train through float32 master copies (mixed precision): the
+        # optimizer steps the masters and the model gets them rounded, so steps smaller than the
+        # weights' resolution accumulate instead of rounding away. float32 weights (and LoRA
+        # adapters, always float32) are stepped in place.
+        low = any(p.dtype != torch.float32 for p in self.params)
+        self.masters = [p.detach().float().clone() for p in self.params] if low else None
+        self._synced = None  # fingerprint of the live weights as the masters last wrote them
+        self.optimizer = torch.optim.AdamW(self.masters or self.params, lr=lr, weight_decay=weight_decay,
+                                           betas=tuple(betas))
         self.clip_eps, self.weighting, self.temperature, self.kl_beta = clip_eps, weighting, temperature, kl_beta
         if kl_form not in ("flow_grpo", "exact"):
             raise ValueError(f"kl_form must be 'flow_grpo' or 'exact', got {kl_form!r}")
@@ -109,6 +119,9 @@ class GRPOLearner:
         device = self._device()
         metrics: list[dict[str, float]] = []
         before = fingerprint(self.policy.live_state())
+        if self.masters is not None and (self._synced is None or differing(self._synced, before)):
+            self._resync_masters()  # first update, or weights loaded since (resume, a restarted worker)
+        before_masters = fingerprint(self._master_state()) if self.masters is not None else None
         gen = torch.Generator().manual_seed(iteration_seed(self.seed, iteration))
         lag = self.version - batch.policy_version
         order = [torch.randperm(n, generator=gen) for _ in range(self.epochs)]  # same on every rank (same seed)
@@ -120,7 +133,11 @@ class GRPOLearner:
             for rows in rows_of_epoch.chunk(self.minibatches):
                 metrics.append(self._step(batch, adv, rows, device, prox))
         after = fingerprint(self.policy.live_state())
-        self._check_changed(before, after, metrics, bool(adv.abs().sum() > 0))
+        if self.masters is None:
+            self._check_changed(before, after, metrics, bool(adv.abs().sum() > 0))
+        else:  # what must change is the float32 state the optimizer steps; bf16 may round a small step away
+            self._synced = after
+            self._check_changed(before_masters, fingerprint(self._master_state()), metrics, bool(adv.abs().sum() > 0))
         self.version += 1
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         out["weights/fingerprint"] = float(int(digest(after), 16))  # 48 bits: exact as a float64 metric
@@ -132,6 +149,15 @@ class GRPOLearner:
             w = self._weights(batch, prox, used)
             out["staleness/is_weight_mean"], out["staleness/is_weight_max"] = float(w.mean()), float(w.max())
         return out
+
+    def _master_state(self) -> dict[str, torch.Tensor]:
+        return {str(i): m for i, m in enumerate(self.masters)}
+
+    @torch.no_grad()
+    def _resync_masters(self) -> None:
+        for m, p in zip(self.masters, self.params):
+            m.copy_(p.float())
+        self._synced = fingerprint(self.policy.live_state())
 
     def _proximal_log_probs(self, batch: TreeBatch, rows: torch.Tensor, device) -> torch.Tensor:
         """Decoupled PPO's proximal log-probs: this worker's edges re-scored, without gradient, under
@@ -159,7 +185,7 @@ class GRPOLearner:
         stepped = [m["learner/grad_norm"] for m in applied if m["learner/grad_norm"] > 0]
         lr = max((g["lr"] for g in self.optimizer.param_groups), default=0.0)
         if stepped and lr > 0 and not differing(before, after):
-            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.params})
+            dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in self.masters or self.params})
             raise UpdateChangedNothing(
                 f"update {self.version + 1} took {len(stepped)} optimizer steps (grad norm up to {max(stepped):.3g}) "
                 "but no weight of the policy's denoiser changed. Either the optimizer holds tensors the model does "
@@ -172,6 +198,9 @@ class GRPOLearner:
     def _step(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device,
               prox: torch.Tensor | None = None) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            for p in self.params:
+                p.grad = None
         chunks = rows.split(self.micro_batch) if self.micro_batch else (rows,)
         totals: dict[str, float] = {}
         for i, chunk in enumerate(chunks):
@@ -223,7 +252,11 @@ class GRPOLearner:
         """Clip, check, step, or skip. Grads are already all-reduced by DDP, so every rank sees the
         same norm and takes the same decision."""
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if self.masters is not None:  # the model's (all-reduced) low-precision grads -> float32 on the masters
+            for m, p in zip(self.masters, self.params):
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+        norm = float(torch.nn.utils.clip_grad_norm_(self.masters or self.params, max_norm))
         median = statistics.median(self._norms) if len(self._norms) >= 5 else math.inf
         bad = not math.isfinite(norm) or norm > self.explode_factor * median
         if bad:
@@ -235,17 +268,32 @@ class GRPOLearner:
                                        "weights were left untouched. Lower learner.lr or check the rewards.")
         else:
             self.optimizer.step()
+            if self.masters is not None:
+                with torch.no_grad():
+                    for m, p in zip(self.masters, self.params):
+                        p.copy_(m)  # rounded to the model's dtype
             self.bad_in_a_row = 0
             self._norms = (self._norms + [norm])[-50:]
         return {"learner/grad_norm": norm if math.isfinite(norm) else -1.0, "learner/skipped": float(bad)}
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "version": self.version,
-                "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "norms": list(self._norms)}
+        state = {"optimizer": self.optimizer.state_dict(), "version": self.version,
+                 "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "norms": list(self._norms)}
+        if self.masters is not None:
+            state["masters"] = [m.detach().cpu().clone() for m in self.masters]
+        return state
 
     def load_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # torch may alias same-device tensors
         self.version = int(state["version"])
         self.bad_in_a_row, self.skipped_total = int(state["bad_in_a_row"]), int(state["skipped_total"])
         self._norms = [float(x) for x in state["norms"]]
+        if self.masters is not None:  # the float32 weights saved with the model they round to
+            if "masters" in state and len(state["masters"]) == len(self.masters):
+                with torch.no_grad():
+                    for m, saved in zip(self.masters, state["masters"]):
+                        m.copy_(saved)
+                self._synced = fingerprint(self.policy.live_state())
+            else:
+                self._resync_masters()

@@ -7,8 +7,9 @@ pool and per actor/worker, in the dtypes the run uses:
            sampler sends (tree.max_batch, else a whole sampler chunk of leaves), doubled by CFG
   reward   VAE + scorers (float32, what the reward actors load) + one decode chunk of 16 images
   learner  denoiser + text encoders (+ a frozen reference copy for full fine-tune with KL);
-           trainable tensors' gradients and AdamW's two moments (LoRA adapters: float32; full
-           fine-tune: model.dtype, torch's AdamW keeps its moments in the parameter's dtype);
+           trainable tensors' gradients and AdamW's two moments in float32 (LoRA adapters are
+           float32; a bf16/fp16 full fine-tune adds float32 master weights, whose gradients are
+           float32 beside the model's own bf16 ones: learning/learner.py);
            FSDP shards weights, gradients and moments over learner.workers; activations of
            one micro-batch (x2 rows with CFG), with or without gradient checkpointing
   all      on a GPU, CUDA context + allocator slack (CUDA_RESERVE)
@@ -159,17 +160,21 @@ def make_plan(cfg: Config, gpu_gib: float = 80.0) -> Plan:
     shard = lr.workers if lr.strategy == "fsdp" else 1
     lora = cfg.model.lora_rank > 0
     trainable = m.lora_params if lora else m.denoiser_params
-    tb = 4 if lora else b
+    masters = not lora and b != 4
+    tb = 4 + (b if masters else 0)      # float32 gradients (+ the model's own bf16 ones under masters)
     how = f"/{shard} (FSDP)" if shard > 1 else ""
     learner.items += [(f"denoiser weights{how}", m.denoiser_params * b // shard),
                       (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b)]
     if lora:
         learner.items.append((f"LoRA adapters (rank {cfg.model.lora_rank}, {trainable / 1e6:.1f} M params, float32)",
                               trainable * 4))
-    elif lr.kl_beta > 0:
-        learner.items.append(("frozen reference denoiser (KL, full fine-tune)", m.denoiser_params * b))
+    else:
+        if masters:
+            learner.items.append((f"float32 master weights{how}", m.denoiser_params * 4 // shard))
+        if lr.kl_beta > 0:
+            learner.items.append(("frozen reference denoiser (KL, full fine-tune)", m.denoiser_params * b))
     learner.items += [(f"gradients ({trainable / 1e6:.1f} M trainable){how}", trainable * tb // shard),
-                      (f"AdamW moments{how}", 2 * trainable * tb // shard)]
+                      (f"AdamW moments{how}", 2 * trainable * 4 // shard)]
     rows = learner_rows(cfg, m)
     ckpt = "with" if lr.gradient_checkpointing else "without"
     learner.items.append((f"activations: {rows} rows, {ckpt} gradient checkpointing",
