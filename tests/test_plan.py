@@ -123,6 +123,13 @@ def test_fractional_gpus_share_one_gpu():
     assert "tree.max_batch" in out.stderr
 
 
+def test_gpu_gib_sets_the_budget():
+    """sd35m_hps's learner needs ~24.8 GiB per GPU: it fits 40 GiB cards, not 24 GiB ones."""
+    assert cli("--config", "sd35m_hps", "--gpu-gib", "40").returncode == 0
+    out = cli("--config", "sd35m_hps", "--gpu-gib", "24")
+    assert out.returncode == 2 and "learner: needs 24.8 GiB" in out.stderr and "24 GiB GPU is 24.0 GiB" in out.stderr
+
+
 def test_plan_needs_no_ray_and_no_weights(tmp_path):
     """A config directory with only config files (no weights) is enough, and Ray never starts."""
     code = ("import sys; from treegrpo_ray.run import main; rc = main(['--plan', '--config', 'sd35m_hps']); "
