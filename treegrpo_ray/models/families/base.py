@@ -58,6 +58,16 @@ def check_schedule(values: torch.Tensor, num_steps: int, source: str) -> torch.T
     return values
 
 
+def dynamic_shift_mu(sched, image_tokens: int, max_shift: float) -> float:
+    """The mu diffusers' flow pipelines pass to a dynamically shifted scheduler: their
+    `calculate_shift` over the scheduler's config, with the pipeline's own default where the config
+    has none (max_shift: SD3 1.16, FLUX 1.15; the two pipelines' copies of the function agree)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    c = sched.config
+    return calculate_shift(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                           c.get("base_shift", 0.5), c.get("max_shift", max_shift))
+
+
 def flow_sigmas(scheduler, num_steps: int, **set_timesteps_kwargs) -> torch.Tensor:
     """(T+1,) sigmas of a FlowMatchEulerDiscreteScheduler after `set_timesteps`, ending at 0."""
     sched = copy.deepcopy(scheduler)  # set_timesteps mutates; keep the pipeline's scheduler untouched

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from treegrpo_ray.models.families.base import FlowSteps, flow_sigmas
+from treegrpo_ray.models.families.base import FlowSteps, dynamic_shift_mu, flow_sigmas
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -64,15 +64,11 @@ class FluxFamily(FlowSteps):
         return 128 * self.vae_scale_factor  # FluxPipeline: default_sample_size 128 * vae_scale_factor
 
     def schedule(self, num_steps, latent_shape):
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
         sched = self.pipeline.scheduler
         kwargs = {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps)}
         if sched.config.get("use_dynamic_shifting", False):
             tokens = (latent_shape[1] // 2) * (latent_shape[2] // 2)
-            kwargs["mu"] = calculate_shift(tokens, sched.config.get("base_image_seq_len", 256),
-                                           sched.config.get("max_image_seq_len", 4096),
-                                           sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15))
+            kwargs["mu"] = dynamic_shift_mu(sched, tokens, max_shift=1.15)
         return flow_sigmas(sched, num_steps, **kwargs)
 
     @torch.no_grad()

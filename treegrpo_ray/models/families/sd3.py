@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from treegrpo_ray.models.families.base import FlowSteps, flow_sigmas
+from treegrpo_ray.models.families.base import FlowSteps, dynamic_shift_mu, flow_sigmas
 
 
 class SD3Family(FlowSteps):
@@ -37,15 +37,11 @@ class SD3Family(FlowSteps):
         return self.config.sample_size * self.vae_scale_factor
 
     def schedule(self, num_steps, latent_shape):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
         sched = self.pipeline.scheduler
         kwargs = {}
         if sched.config.get("use_dynamic_shifting", False):
             tokens = (latent_shape[1] // self.config.patch_size) ** 2
-            kwargs["mu"] = calculate_shift(tokens, sched.config.get("base_image_seq_len", 256),
-                                           sched.config.get("max_image_seq_len", 4096),
-                                           sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.16))
+            kwargs["mu"] = dynamic_shift_mu(sched, tokens, max_shift=1.16)
         return flow_sigmas(sched, num_steps, **kwargs)
 
     @torch.no_grad()
