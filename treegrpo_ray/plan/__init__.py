@@ -14,14 +14,15 @@ pool and per actor/worker, in the dtypes the run uses:
            one micro-batch (x2 rows with CFG), with or without gradient checkpointing
   all      on a GPU, CUDA context + allocator slack (CUDA_RESERVE)
 
-Activations are modelled per row as a constant x (tokens x width) elements per block (a UNet: per
-layer of a level, x latent pixels x sum_i channels_i / 4^i over its levels). No tokens^2 term: PyTorch's scaled_dot_product_attention
-keeps no softmax matrix with its flash kernels, on CPU as on GPU (the calibration fit gives that
-term a coefficient of 0). The constants are fitted on the tiny pipelines of each family on CPU by
-`python -m tools.plan_calibrate` (slope over several batch sizes and resolutions; the fixed
-per-process part is left to CUDA_RESERVE), and tests/test_plan.py holds the learner estimate
-against measured peaks at other shapes. A pool whose total exceeds its share of a GPU
-(gpu_gib x num_gpus, num_gpus <= 1) makes the plan refuse, naming the fix.
+Activations are modelled per row as a constant x (tokens x width) elements per block (a UNet:
+per layer of a level, x latent pixels x sum_i channels_i / 4^i over its levels). No tokens^2
+term: PyTorch's scaled_dot_product_attention keeps no softmax matrix with its flash kernels, on
+CPU as on GPU (the calibration fit gives that term a coefficient of 0). The constants are fitted
+on the tiny pipelines of each family on CPU by `python -m tools.plan_calibrate` (slope over
+several batch sizes and resolutions; the fixed per-process part is left to CUDA_RESERVE), and
+tests/test_plan.py holds the learner estimate against measured peaks at other shapes. A pool
+whose total exceeds its share of a GPU (gpu_gib x num_gpus, num_gpus <= 1) makes the plan
+refuse, naming the fix.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ DECODE_CHUNK = 16               # rewards/decode.LatentDecoder's batch_size
 ACTIVATIONS = {"sd3": {"grad": 35.6, "ckpt": 2.5, "recompute": 33.6, "nograd": 12.2},
                "flux": {"grad": 27.6, "ckpt": 3.1, "recompute": 25.4, "nograd": 15.1},
                "sd15": {"grad": 105.8, "ckpt": 13.3, "recompute": 23.2, "nograd": 8.5}}
-VAE_DECODE = 5.9                # decode peak per image, in units of (H x W x vae_channels x 4 bytes); fitted on the real SD VAE structure
+# decode peak per image, in units of (H x W x vae_channels x 4 bytes); fitted on the real SD VAE structure
+VAE_DECODE = 5.9
 
 
 @dataclass
@@ -139,7 +141,8 @@ def make_plan(cfg: Config, gpu_gib: float = 80.0) -> Plan:
 
     sampler = PoolPlan("sampler", pools.samplers, pools.sampler.num_gpus)
     rows = sampler_rows(cfg, m)
-    sampler.items += [(f"denoiser weights ({m.denoiser_params / 1e9:.2f} B params, {cfg.model.dtype})", m.denoiser_params * b),
+    sampler.items += [(f"denoiser weights ({m.denoiser_params / 1e9:.2f} B params, {cfg.model.dtype})",
+                       m.denoiser_params * b),
                       (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b),
                       (f"activations: no-grad forward of {rows} rows",
                        sampler_activations(cfg, m, rows))]
@@ -196,9 +199,10 @@ def make_plan(cfg: Config, gpu_gib: float = 80.0) -> Plan:
 
 def _fix(cfg: Config, pool: str, lora: bool) -> str:
     if pool == "sampler":
-        return "lower tree.max_batch (rows per denoiser call) or give each sampler more of a GPU (pools.sampler.num_gpus)"
+        return ("fix: lower tree.max_batch (rows per denoiser call) or give each sampler more of a GPU "
+                "(pools.sampler.num_gpus)")
     if pool == "reward":
-        return "set pools.reward_chunk (leaves per call) lower, or give each reward actor a whole GPU"
+        return "fix: set pools.reward_chunk (leaves per call) lower, or give each reward actor a whole GPU"
     fixes = []
     if not lora:
         fixes.append("train LoRA (model.lora_rank=32)")
