@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1])
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
