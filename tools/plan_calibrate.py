@@ -5,7 +5,7 @@
 Each case runs in a fresh interpreter (`measure_in_subprocess`) with glibc's malloc told to serve
 every block above 64 KiB by mmap and to give freed memory back at once (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_), so the resident set size follows the live tensors. The denoiser is
-loaded (or built, random init) first; then the peak RSS is reset (`/proc/self/clear_refs` = 5,
+loaded first; then the peak RSS is reset (`/proc/self/clear_refs` = 5,
 Linux >= 4.0) and `steps` learner steps run: a forward on `rows` rows, a loss, backward and one
 AdamW step each (what `learning.learner.GRPOLearner` does per micro-batch, without the SDE
 log-prob around it, which is tiny). Reported, in bytes above the resident set before the first
@@ -45,18 +45,13 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def load_denoiser(pipeline_dir: str | None = None, cls_name: str | None = None, config: dict | None = None):
-    """The denoiser of a local diffusers pipeline dir (weights loaded), or a random-init one of
-    class `cls_name` built from `config`."""
+def load_denoiser(pipeline_dir: str):
+    """The denoiser of a local diffusers pipeline dir, loaded with its weights."""
     import diffusers
 
-    if pipeline_dir is not None:
-        index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
-        sub = "transformer" if "transformer" in index else "unet"
-        cls = getattr(diffusers, index[sub][1])
-        return cls.from_pretrained(pipeline_dir, subfolder=sub)
-    torch.manual_seed(0)
-    return getattr(diffusers, cls_name).from_config(config)
+    index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
+    sub = "transformer" if "transformer" in index else "unet"
+    return getattr(diffusers, index[sub][1]).from_pretrained(pipeline_dir, subfolder=sub)
 
 
 def denoiser_inputs(model, rows: int, latent_side: int, text_tokens: int, dtype: str = "float32") -> dict:
@@ -88,14 +83,13 @@ def _inputs(model, rows: int, latent_side: int, text_tokens: int) -> dict:
     raise ValueError(f"no inputs known for {name}")
 
 
-def measure(*, rows: int, latent_side: int, text_tokens: int, lora_rank: int = 0,
+def measure(*, pipeline_dir: str, rows: int, latent_side: int, text_tokens: int, lora_rank: int = 0,
             lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"), gradient_checkpointing: bool = False,
-            grad: bool = True, steps: int = 2, dtype: str = "float32", pipeline_dir: str | None = None,
-            cls_name: str | None = None, config: dict | None = None) -> dict:
+            grad: bool = True, steps: int = 2, dtype: str = "float32") -> dict:
     """`steps` learner steps (or, grad=False, one no-grad forward) in this process; see the module
     docstring. Two steps by default: AdamW's state exists from the first step on, so the second
     step's peak is the steady state a run sees."""
-    model = load_denoiser(pipeline_dir, cls_name, config).eval().to(getattr(torch, dtype))
+    model = load_denoiser(pipeline_dir).eval().to(getattr(torch, dtype))
     if lora_rank:
         from peft import LoraConfig
         model.requires_grad_(False)

@@ -131,80 +131,85 @@ def nfe_range(cfg: Config) -> tuple[int, int]:
     return min(counts), max(counts)
 
 
-def make_plan(cfg: Config, gpu_gib: float = 80.0) -> Plan:
-    m = model_facts(cfg.model.pretrained, lora_rank=cfg.model.lora_rank, lora_targets=tuple(cfg.model.lora_targets))
-    b = DTYPE_BYTES[cfg.model.dtype]
-    encoders = sum(n for _, n in m.text_encoders)
-    lr, pools = cfg.learner, cfg.pools
-    on_gpu = {"sampler": pools.sampler.num_gpus > 0, "reward": pools.reward.num_gpus > 0,
-              "learner": lr.resources.num_gpus > 0}
-
-    sampler = PoolPlan("sampler", pools.samplers, pools.sampler.num_gpus)
+def sampler_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
+    b, encoders = DTYPE_BYTES[cfg.model.dtype], sum(n for _, n in m.text_encoders)
+    pool = PoolPlan("sampler", cfg.pools.samplers, cfg.pools.sampler.num_gpus)
     rows = sampler_rows(cfg, m)
-    sampler.items += [(f"denoiser weights ({m.denoiser_params / 1e9:.2f} B params, {cfg.model.dtype})",
-                       m.denoiser_params * b),
-                      (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b),
-                      (f"activations: no-grad forward of {rows} rows",
-                       sampler_activations(cfg, m, rows))]
+    pool.items += [(f"denoiser weights ({m.denoiser_params / 1e9:.2f} B params, {cfg.model.dtype})",
+                    m.denoiser_params * b),
+                   (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b),
+                   (f"activations: no-grad forward of {rows} rows", sampler_activations(cfg, m, rows))]
     lo, hi = nfe_range(cfg)
-    sampler.work.append(f"{leaves_per_iteration(cfg)} leaves/iteration; denoiser calls/iteration "
-                        f"{lo if lo == hi else f'{lo}-{hi} (window start)'} over {pools.samplers} samplers")
+    pool.work.append(f"{leaves_per_iteration(cfg)} leaves/iteration; denoiser calls/iteration "
+                     f"{lo if lo == hi else f'{lo}-{hi} (window start)'} over {cfg.pools.samplers} samplers")
+    return pool
 
-    reward = PoolPlan("reward", pools.rewards, pools.reward.num_gpus)
+
+def reward_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
+    pool = PoolPlan("reward", cfg.pools.rewards, cfg.pools.reward.num_gpus)
     scorers = [(t.name, reward_facts(t.name, t.model_name, t.checkpoint).params) for t in cfg.rewards.terms]
-    chunk = min(DECODE_CHUNK, pools.reward_chunk or DECODE_CHUNK)
-    reward.items += [(f"VAE ({m.vae_params / 1e6:.0f} M params, float32)", m.vae_params * 4)]
-    reward.items += [(f"scorer {n} ({p / 1e6:.0f} M params, float32)", p * 4) for n, p in scorers]
-    reward.items.append((f"activations: decode {chunk} images at {cfg.model.resolution}px",
-                         int(chunk * VAE_DECODE * cfg.model.resolution ** 2 * m.vae_channels * 4)))
-    reward.work.append(f"{leaves_per_iteration(cfg)} images decoded + scored per iteration over {pools.rewards} actors")
+    chunk = min(DECODE_CHUNK, cfg.pools.reward_chunk or DECODE_CHUNK)
+    pool.items.append((f"VAE ({m.vae_params / 1e6:.0f} M params, float32)", m.vae_params * 4))
+    pool.items += [(f"scorer {n} ({p / 1e6:.0f} M params, float32)", p * 4) for n, p in scorers]
+    pool.items.append((f"activations: decode {chunk} images at {cfg.model.resolution}px",
+                       int(chunk * VAE_DECODE * cfg.model.resolution ** 2 * m.vae_channels * 4)))
+    pool.work.append(f"{leaves_per_iteration(cfg)} images decoded + scored per iteration over "
+                     f"{cfg.pools.rewards} actors")
+    return pool
 
-    learner = PoolPlan("learner", lr.workers, lr.resources.num_gpus)
+
+def learner_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
+    lr, b, encoders = cfg.learner, DTYPE_BYTES[cfg.model.dtype], sum(n for _, n in m.text_encoders)
+    pool = PoolPlan("learner", lr.workers, lr.resources.num_gpus)
     shard = lr.workers if lr.strategy == "fsdp" else 1
     lora = cfg.model.lora_rank > 0
     trainable = m.lora_params if lora else m.denoiser_params
     masters = not lora and b != 4
     tb = 4 + (b if masters else 0)      # float32 gradients (+ the model's own bf16 ones under masters)
     how = f"/{shard} (FSDP)" if shard > 1 else ""
-    learner.items += [(f"denoiser weights{how}", m.denoiser_params * b // shard),
-                      (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b)]
+    pool.items += [(f"denoiser weights{how}", m.denoiser_params * b // shard),
+                   (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b)]
     if lora:
-        learner.items.append((f"LoRA adapters (rank {cfg.model.lora_rank}, {trainable / 1e6:.1f} M params, float32)",
-                              trainable * 4))
+        pool.items.append((f"LoRA adapters (rank {cfg.model.lora_rank}, {trainable / 1e6:.1f} M params, float32)",
+                           trainable * 4))
     else:
         if masters:
-            learner.items.append((f"float32 master weights{how}", m.denoiser_params * 4 // shard))
+            pool.items.append((f"float32 master weights{how}", m.denoiser_params * 4 // shard))
         if lr.kl_beta > 0:
-            learner.items.append(("frozen reference denoiser (KL, full fine-tune)", m.denoiser_params * b))
-    learner.items += [(f"gradients ({trainable / 1e6:.1f} M trainable){how}", trainable * tb // shard),
-                      (f"AdamW moments{how}", 2 * trainable * 4 // shard)]
+            pool.items.append(("frozen reference denoiser (KL, full fine-tune)", m.denoiser_params * b))
+    pool.items += [(f"gradients ({trainable / 1e6:.1f} M trainable){how}", trainable * tb // shard),
+                   (f"AdamW moments{how}", 2 * trainable * 4 // shard)]
     rows = learner_rows(cfg, m)
     ckpt = "with" if lr.gradient_checkpointing else "without"
-    learner.items.append((f"activations: {rows} rows, {ckpt} gradient checkpointing",
-                          learner_activations(cfg, m, rows)))
+    pool.items.append((f"activations: {rows} rows, {ckpt} gradient checkpointing", learner_activations(cfg, m, rows)))
     n = decisions_per_iteration(cfg)
-    learner.work.append(f"{n} decisions/iteration -> {lr.workers} workers x {lr.minibatches} optimizer steps x "
-                        f"{lr.epochs} epochs; {n * lr.epochs} forward+backward rows x{_cfg_rows(cfg, m)} (CFG)")
+    pool.work.append(f"{n} decisions/iteration -> {lr.workers} workers x {lr.minibatches} optimizer steps x "
+                     f"{lr.epochs} epochs; {n * lr.epochs} forward+backward rows x{_cfg_rows(cfg, m)} (CFG)")
+    return pool
 
+
+def make_plan(cfg: Config, gpu_gib: float = 80.0) -> Plan:
+    m = model_facts(cfg.model.pretrained, lora_rank=cfg.model.lora_rank, lora_targets=tuple(cfg.model.lora_targets))
+    pools = [sampler_pool(cfg, m), reward_pool(cfg, m), learner_pool(cfg, m)]
     problems = []
-    for pool in (sampler, reward, learner):
-        if on_gpu[pool.name]:
+    for pool in pools:
+        if pool.num_gpus > 0:
             pool.items.append(("CUDA context + allocator slack", CUDA_RESERVE))
             budget = gpu_gib * GiB * min(pool.num_gpus, 1.0)  # fractional num_gpus: a share of one GPU
             if pool.total > budget:
                 problems.append(f"{pool.name}: needs {pool.total / GiB:.1f} GiB per actor, its share of a "
-                                f"{gpu_gib:g} GiB GPU is {budget / GiB:.1f} GiB; {_fix(cfg, pool.name, lora)}")
-    return Plan(m, [sampler, reward, learner], gpu_gib, problems)
+                                f"{gpu_gib:g} GiB GPU is {budget / GiB:.1f} GiB; {_fix(cfg, pool.name)}")
+    return Plan(m, pools, gpu_gib, problems)
 
 
-def _fix(cfg: Config, pool: str, lora: bool) -> str:
+def _fix(cfg: Config, pool: str) -> str:
     if pool == "sampler":
         return ("fix: lower tree.max_batch (rows per denoiser call) or give each sampler more of a GPU "
                 "(pools.sampler.num_gpus)")
     if pool == "reward":
         return "fix: set pools.reward_chunk (leaves per call) lower, or give each reward actor a whole GPU"
     fixes = []
-    if not lora:
+    if cfg.model.lora_rank == 0:
         fixes.append("train LoRA (model.lora_rank=32)")
         if cfg.learner.strategy == "ddp":
             fixes.append("shard with learner.strategy=fsdp over more learner.workers")
