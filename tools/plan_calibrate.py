@@ -186,7 +186,7 @@ def case_for(cfg, grad: bool = True) -> dict:
     from treegrpo_ray import plan
     from treegrpo_ray.plan.facts import model_facts
     m = model_facts(cfg.model.pretrained, lora_rank=cfg.model.lora_rank, lora_targets=tuple(cfg.model.lora_targets))
-    _, text = plan._tokens(cfg, m)
+    _, text = plan.row_tokens(cfg, m)
     rows = plan.learner_rows(cfg, m) if grad else plan.sampler_rows(cfg, m)
     return dict(pipeline_dir=cfg.model.pretrained, rows=rows, latent_side=cfg.model.resolution // m.vae_scale_factor,
                 text_tokens=text, lora_rank=cfg.model.lora_rank, lora_targets=tuple(cfg.model.lora_targets),

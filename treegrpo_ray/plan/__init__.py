@@ -68,7 +68,7 @@ class Plan:
     problems: list[str]
 
 
-def _tokens(cfg: Config, m: ModelFacts) -> tuple[int, int]:
+def row_tokens(cfg: Config, m: ModelFacts) -> tuple[int, int]:
     """(image tokens, text tokens) of one denoiser row; for a UNet, (latent pixels, CLIP tokens)."""
     side = cfg.model.resolution // m.vae_scale_factor
     image = (side // m.token_patch) ** 2
@@ -90,7 +90,7 @@ def _cfg_rows(cfg: Config, m: ModelFacts) -> int:
 
 def activation_unit(cfg: Config, m: ModelFacts) -> int:
     """Bytes of one (tokens x width) tensor of one row, in model.dtype: the unit ACTIVATIONS counts in."""
-    image, text = _tokens(cfg, m)
+    image, text = row_tokens(cfg, m)
     tokens = image if m.family == "sd15" else image + text
     return tokens * m.width * DTYPE_BYTES[cfg.model.dtype]
 
