@@ -26,6 +26,7 @@ from treegrpo_ray.config import load_config
 from treegrpo_ray.driver import advantages, gather, plan
 from treegrpo_ray.learning.learner import decision_advantages
 from treegrpo_ray.local_system import LocalSystem
+from treegrpo_ray.types import merge_batches
 
 
 def gradient(system, batch, leaf_adv) -> torch.Tensor:
@@ -51,7 +52,8 @@ def main() -> None:
     grads, windows = [], []
     for d in range(args.draws):
         reqs = plan(cfg, prompts, 10_000 + d)
-        batch, raw, _ = gather(cfg, system.collect(reqs), system.version)
+        kept, raw, _ = gather(cfg, system.collect(system.launch(reqs)), system.version)
+        batch = merge_batches(kept.batches)
         leaf_adv, _ = advantages(cfg, batch, raw)
         grads.append(gradient(system, batch, leaf_adv))
         windows.append(reqs[0].window_start)
@@ -65,7 +67,8 @@ def main() -> None:
     print("per-prompt std of leaf rewards by window start (8 groups each):")
     for w in (0, 2, 4, 7):
         reqs = [dataclasses.replace(r, window_start=w) for r in plan(cfg, prompts, 20_000 + w)]
-        batch, raw, _ = gather(cfg, system.collect(reqs), system.version)
+        kept, raw, _ = gather(cfg, system.collect(system.launch(reqs)), system.version)
+        batch = kept.info
         r = sum(raw.values()) / len(raw)
         stds = sorted(float(r[batch.leaf_prompt == p].std(unbiased=False)) for p in range(len(batch.prompts)))
         tiny = sum(s < 0.01 for s in stds)

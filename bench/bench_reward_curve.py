@@ -59,11 +59,11 @@ def train_for(variant: str, setting: str, seed: int, budget_s: float, extra: lis
     while clock < budget_s:
         t0 = time.perf_counter()
         collected = system.collect(system.launch(plan(cfg, prompts, it)))
-        batch, raw, _ = gather(cfg, collected, system.version)
-        leaf_adv, _ = advantages(cfg, batch, raw)
-        system.update(batch, leaf_adv, it)
+        kept, raw, _ = gather(cfg, collected, system.version)
+        leaf_adv, _ = advantages(cfg, kept.info, raw)
+        system.update(kept.batches, leaf_adv, it)
         clock += time.perf_counter() - t0
-        images += batch.num_leaves
+        images += kept.info.num_leaves
         it += 1
         points.append({"seconds": clock, "images": images, "iteration": it, "reward": eval_reward()})
     return {"variant": variant, "setting": setting, "seed": seed, "budget_s": budget_s, "points": points}

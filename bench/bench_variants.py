@@ -41,9 +41,10 @@ def run_variant(name: str, overrides: list[str], iterations: int, threads: int) 
         t0 = time.perf_counter()
         collected = system.collect(system.launch(reqs))
         t1 = time.perf_counter()
-        batch, raw, _ = gather(cfg, collected, system.version)
+        kept, raw, _ = gather(cfg, collected, system.version)
+        batch = kept.info
         leaf_adv, _ = advantages(cfg, batch, raw)
-        system.update(batch, leaf_adv, it)
+        system.update(kept.batches, leaf_adv, it)
         t2 = time.perf_counter()
         assert batch.nfe == expected_nfe(cfg, reqs[0].window_start), (batch.nfe, expected_nfe(cfg, reqs[0].window_start))
         if it:

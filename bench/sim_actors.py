@@ -102,7 +102,7 @@ def fake_leaves(n_leaves: int, seed: int) -> np.ndarray:
 
 
 def _rebuild(kind: str, payload):
-    """Runs where an `_OnArrival` is unpickled (the driver): build the torch object there."""
+    """Runs where an `_OnArrival` is unpickled (the driver, the learner): build the torch object there."""
     if kind == "tensor":
         import torch
 
@@ -110,7 +110,7 @@ def _rebuild(kind: str, payload):
     kwargs, version, extras = payload
     batch = fake_tree_batch(**kwargs)
     batch.policy_version, batch.extras = version, extras
-    return batch
+    return batch.info() if kind == "info" else batch
 
 
 class _OnArrival:
@@ -132,25 +132,25 @@ class SimSampler:
         self.tree = dict(num_steps=num_steps, k=k, depth=depth, trees_per_prompt=trees_per_prompt)
         self.leaves_per_prompt = k ** depth * trees_per_prompt
 
-    def _pull(self) -> None:
-        if self.store is None:
-            return
-        newest = ray.get(self.store.latest.remote(self.version))
-        if newest is not None:
-            version, (ref,), _ = newest
+    def _load(self, weights) -> None:
+        """weights = (version, [ref], fingerprint) as WeightStore.latest gives them, or None."""
+        if weights is not None and weights[0] > self.version:
+            version, (ref,), _ = weights
             ray.get(ref)
             self.version = version
 
-    def sample(self, prompts: list[str], window_start: int, seed: int):
-        """-> (batch without leaves, leaf chunk 0, ..., leaf chunk n-1), as SamplerActor.sample."""
+    def sample(self, prompts: list[str], window_start: int, seed: int, weights=None):
+        """-> (info, batch without leaves, leaf chunk 0, ..., leaf chunk n-1), as SamplerActor.sample.
+        weights: what the driver's launch passed along; None: ask the store (if any)."""
         t0 = time.perf_counter()
-        self._pull()
+        if weights is None and self.store is not None:
+            weights = ray.get(self.store.latest.remote(self.version))
+        self._load(weights)
         time.sleep(self.costs.sample_s(self.nfe[window_start] * len(prompts) * self.tree["trees_per_prompt"]))
         leaves = fake_leaves(self.leaves_per_prompt * len(prompts), seed)
         extras = {"seed": float(seed), "sample_s": time.perf_counter() - t0}
-        batch = _OnArrival("batch", (dict(prompts=list(prompts), window_start=window_start, **self.tree),
-                                     self.version, extras))
-        return (batch, *np.array_split(leaves, self.num_chunks))
+        payload = (dict(prompts=list(prompts), window_start=window_start, **self.tree), self.version, extras)
+        return (_OnArrival("info", payload), _OnArrival("batch", payload), *np.array_split(leaves, self.num_chunks))
 
     def ready(self) -> int:
         return self.version
@@ -160,13 +160,15 @@ class SimReward:
     """Sleeps (decode_s + score_s) per image. Rewards are functions of what it was sent, so a
     test can check routing: "leaf" = 2 x leaf + 1, "prompt_len" = len(prompt), "actor" = its id."""
 
-    def __init__(self, costs: SimCosts, actor_id: int = 0):
-        self.costs, self.actor_id = costs, actor_id
+    def __init__(self, costs: SimCosts, actor_id: int = 0, fail_on: str = ""):
+        self.costs, self.actor_id, self.fail_on = costs, actor_id, fail_on
 
     def score(self, latents: np.ndarray, prompts: list[str], num_images: int = 0):
         t0 = time.perf_counter()
         if latents.shape[0] != len(prompts):
             raise ValueError(f"{latents.shape[0]} leaves but {len(prompts)} prompts")
+        if self.fail_on and self.fail_on in prompts:  # a scorer that cannot score this prompt (tests)
+            raise ValueError(f"cannot score {self.fail_on!r}")
         time.sleep(self.costs.reward_s(len(prompts)))
         rewards = {"leaf": 2.0 * latents[:, 0] + 1.0,
                    "prompt_len": np.array([float(len(p)) for p in prompts]),
@@ -179,13 +181,15 @@ class SimReward:
 
 
 class SimLearner:
-    """Stands in for a data-parallel learner of `workers` GPUs: sleeps decisions x learn_factor x
-    nfe_s / workers (gradient all-reduce is not simulated). Returns its busy seconds."""
+    """Stands in for a data-parallel learner of `workers` GPUs: fetches the batches from the
+    object store (as a learner worker does), then sleeps decisions x learn_factor x nfe_s / workers
+    (gradient all-reduce is not simulated). Returns its busy seconds."""
 
     def __init__(self, costs: SimCosts):
         self.costs = costs
 
-    def update(self, decisions: int, workers: int) -> float:
+    def update(self, decisions: int, workers: int, batch_refs: list = ()) -> float:
         t0 = time.perf_counter()
-        time.sleep(self.costs.learn_s(decisions, workers))
+        ray.get(list(batch_refs))
+        time.sleep(max(0.0, self.costs.learn_s(decisions, workers) - (time.perf_counter() - t0)))
         return time.perf_counter() - t0

@@ -57,3 +57,22 @@ def test_flat_and_mix_train_through_the_learner_and_driver(tiny_sd3_dir, tmp_pat
     assert history["tree/leaves"] == [6.0, 6.0]                             # 2 prompts x G=3
     assert history["weights/version"] == [1.0, 2.0]
     assert all(g > 0 and torch.isfinite(torch.tensor(g)) for g in history["learner/grad_norm"])  # the update moved weights
+
+
+def test_sampler_calls_split_each_samplers_prompts_without_changing_the_iteration(tmp_path):
+    """pools.sampler_calls=2 on 2 samplers: 4 requests of 2 prompts, consecutive pairs on one
+    sampler (request j on sampler j // 2), the same 8 prompts and window as one call per sampler,
+    each call its own noise seed; 1 call per sampler keeps the seeds it always had."""
+    from treegrpo_ray.algo.seeds import sampler_seed
+    from treegrpo_ray.driver import plan
+
+    base = ["mode=local", "prompts_per_iteration=8", "pools.samplers=2", f"tracking.output_dir={tmp_path}"]
+    one, two = (load_config(None, [*base, f"pools.sampler_calls={c}"]) for c in (1, 2))
+    prompts = [f"prompt {i}" for i in range(20)]
+    a, b = plan(one, prompts, 5), plan(two, prompts, 5)
+    assert [len(r.prompts) for r in a] == [4, 4] and [len(r.prompts) for r in b] == [2, 2, 2, 2]
+    assert [p for r in a for p in r.prompts] == [p for r in b for p in r.prompts]  # sampler 0 gets b[0] + b[1]
+    assert {r.window_start for r in a + b} == {a[0].window_start}
+    assert [r.seed for r in a] == [sampler_seed(one.seed, 5, i) for i in range(2)]
+    assert [r.seed for r in b] == [sampler_seed(two.seed, 5, i) for i in range(4)]
+    assert leaves_per_iteration(one) == leaves_per_iteration(two)

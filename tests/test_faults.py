@@ -178,10 +178,10 @@ def test_killed_sampler_reward_and_learner_processes_are_restarted_and_their_wor
     assert metric(summary, "perf/actor_restarts") == [0.0, 1.0, 1.0, 0.0]   # each restart logged once
     assert metric(summary, "perf/learner_restarts") == [0.0, 0.0, 0.0, 1.0]
     assert metric(summary, "tree/leaves") == [LEAVES] * ITERATIONS          # no tree lost or doubled
-    assert [len(c.batches) for c in collects] == [1] * ITERATIONS
+    assert [len(c.infos) for c in collects] == [1] * ITERATIONS and [c.dropped_trees for c in collects] == [0] * 4
     # The restarted sampler pulled the learner's current weights from the WeightStore: the batch it
     # grew at iteration 1 carries version 1 == the learner's version at launch (not its init, -1).
-    restarted = collects[kill_sampler_at].batches[0]
+    restarted = collects[kill_sampler_at].infos[0]
     assert restarted.extras["reconstructed"] == 1.0
     assert restarted.policy_version == launches[kill_sampler_at] == 1
     assert metric(summary, "staleness/max_lag") == [0.0] * ITERATIONS

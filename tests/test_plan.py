@@ -89,6 +89,18 @@ def test_nfe_range_matches_count_nfe():
     assert plan.nfe_range(flat) == (3 * 20, 3 * 20)
 
 
+
+def test_sampler_rows_are_one_calls_share():
+    # 16 prompts x 1 tree x 4 leaves over 2 samplers: 32 leaf rows per sampler; 4 calls each -> 8 rows,
+    # capped by tree.max_batch like any call (no CFG here: guidance 1, one row per latent)
+    cfg = load_config(None, [])
+    m = model_facts(cfg.model.pretrained, lora_rank=0, lora_targets=())
+    base = ["tree.k=2", "tree.depth=2", "prompts_per_iteration=16", "pools.samplers=2", "model.guidance_scale=1"]
+    rows = {c: plan.sampler_rows(load_config(None, [*base, f"pools.sampler_calls={c}"]), m) for c in (1, 4)}
+    assert rows == {1: 32, 4: 8}
+    assert plan.sampler_rows(load_config(None, [*base, "pools.sampler_calls=4", "tree.max_batch=6"]), m) == 6
+
+
 PUBLISHED = {"sd35m_hps": "2,243,171,520 params",    # SD3.5-medium's MMDiT-X, from its published config
              "flux1dev_hps": "11,901,408,320 params",  # FLUX.1-dev's transformer
              "sd15_hps": "859,520,964 params"}         # SD1.5's UNet

@@ -83,6 +83,32 @@ def test_ray_matches_local_for_the_same_seed(tiny_sd3_dir, tmp_path, ray_local):
 
 
 @pytest.mark.ray
+def test_pipelined_ray_matches_local_with_queued_calls_and_staleness_one(tiny_sd3_dir, tmp_path, ray_local):
+    """2 samplers x 2 queued calls each (pools.sampler_calls) and max_staleness=1: iteration i+1's
+    calls are queued before i is collected; the learner fetches the 4 batches by reference and
+    merges them as the driver's infos said. Same requests, same weights, same bits as in-process."""
+    extra = ["iterations=3", "prompts_per_iteration=4", "pools.samplers=2", "pools.sampler_calls=2",
+             "max_staleness=1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run(smoke_cfg(tiny_sd3_dir, tmp_path / "local", "mode=local", *extra))
+    finally:
+        torch.set_num_threads(threads)
+    on_ray = run(smoke_cfg(tiny_sd3_dir, tmp_path / "ray", "mode=ray", *extra))
+    assert on_ray["train_rewards"] == local["train_rewards"]
+    assert [v for _, v in metric_steps(on_ray, "staleness/lag")] == [0.0, 1.0, 1.0]
+    wa, _, _ = load_checkpoint(tmp_path / "local" / "r" / "checkpoints" / "iter_000003")
+    wb, _, _ = load_checkpoint(tmp_path / "ray" / "r" / "checkpoints" / "iter_000003")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the driver fetched infos and rewards, not trees: a small fraction of the trees' bytes
+    tree_bytes = [v for _, v in metric_steps(on_ray, "perf/tree_bytes")]
+    driver_bytes = [v for _, v in metric_steps(on_ray, "perf/driver_bytes")]
+    assert len(driver_bytes) == 3 and all(0 < d < 0.1 * t for d, t in zip(driver_bytes, tree_bytes))
+    assert metric_steps(local, "perf/driver_bytes") == []  # in-process nothing passes through a driver
+
+
+@pytest.mark.ray
 def test_two_samplers_one_reward_two_learner_workers(tiny_sd3_dir, tmp_path, ray_local):
     # 4 prompts over 2 samplers; 4 x 3 = 12 decisions over 2 DDP ranks
     summary = run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", "iterations=3", "prompts_per_iteration=4",

@@ -168,3 +168,24 @@ def test_batches_of_two_samplers_merge(policy, tree_batch):
     # prompt 0 is "a blue square" = merged prompt 1)
     assert merged.num_leaves == 24 and merged.tree_index[16:].tolist() == [4] * 4 + [5] * 4
     assert merged.leaf_prompt[16:20].tolist() == [1] * 4 and merged.nfe == tree_batch.nfe + other.nfe
+
+
+def test_the_drivers_info_merge_is_the_learners_batch_merge(policy, tree_batch):
+    """The driver normalises rewards on merge_infos(infos) while the learner trains on
+    merge_batches(batches): their leaf order and prompt indices must agree, or advantages land on
+    the wrong leaves."""
+    from treegrpo_ray.system import split_leaves
+    from treegrpo_ray.types import merge_batches, merge_infos
+
+    other = sampler(policy, "tree").sample(PROMPTS[::-1], window_start=P, seed=9)
+    other.policy_version = 5
+    parts = [split_leaves(b) for b in (tree_batch, other)]
+    infos = [b.info(leaves.nbytes) for b, leaves in parts]
+    merged, info = merge_batches([b for b, _ in parts]), merge_infos(infos)
+    assert info.prompts == merged.prompts and torch.equal(info.leaf_prompt, merged.leaf_prompt)
+    assert (info.nfe, info.num_decisions, info.num_leaves) == (merged.nfe, merged.num_decisions, merged.num_leaves)
+    assert info.policy_version == merged.policy_version == 3 and info.trees == 6  # the older; 4 + 2 trees
+    # bytes: every tensor of both batches, their split-off leaf latents included
+    assert info.nbytes == tree_batch.nbytes + other.nbytes
+    assert info.leaf_bytes == tree_batch.leaf_latents.nbytes + other.leaf_latents.nbytes
+    assert infos[0].nbytes == sum(getattr(tree_batch, f).nbytes for f in _TENSOR_FIELDS)

@@ -91,6 +91,8 @@ class PoolsConfig:
     max_restarts: int = doc(3, "Ray restarts of a crashed sampler/reward actor (-1 = unlimited)")
     max_task_retries: int = doc(3, "retries of a call lost with its actor")
     reward_chunk: int = doc(0, "leaves per reward call; 0 = one call per sampler batch")
+    sampler_calls: int = doc(1, "calls per sampler per iteration, each growing its share of the sampler's prompts: "
+                             "rewards of one call run while the next grows (Ray); 1 = one batch per sampler")
 
 
 @dataclass(frozen=True)
@@ -302,6 +304,11 @@ def validate(cfg: Config) -> Config:
     _check(cfg.prompts_per_iteration % cfg.pools.samplers == 0, "prompts_per_iteration",
            f"{cfg.prompts_per_iteration} prompts do not split evenly over {cfg.pools.samplers} samplers",
            "make prompts_per_iteration a multiple of pools.samplers")
+    calls = cfg.pools.samplers * cfg.pools.sampler_calls
+    _check(cfg.prompts_per_iteration % calls == 0, "pools.sampler_calls",
+           f"{cfg.prompts_per_iteration} prompts do not split into {cfg.pools.samplers} samplers x "
+           f"{cfg.pools.sampler_calls} calls", "make prompts_per_iteration a multiple of pools.samplers x "
+           "pools.sampler_calls, or lower pools.sampler_calls")
     _check(cfg.max_staleness >= 0, "max_staleness", "must be >= 0", "use 0 for strictly on-policy")
     _check(cfg.eval_images_per_prompt >= 1, "eval_images_per_prompt", "must be >= 1", "use e.g. 4")
     _check(cfg.eval_every >= 0, "eval_every", f"{cfg.eval_every} must be >= 0", "use e.g. eval_every=5, or 0 for none")
@@ -407,6 +414,7 @@ def _validate_pools(cfg: Config) -> None:
     for key in ("max_restarts", "max_task_retries"):
         _check(getattr(p, key) >= -1, f"pools.{key}", f"{getattr(p, key)} must be >= -1", "use -1 for unlimited, 0 for none")
     _check(p.reward_chunk >= 0, "pools.reward_chunk", f"{p.reward_chunk} must be >= 0", "use 0 for one call per batch")
+    _check(p.sampler_calls >= 1, "pools.sampler_calls", f"{p.sampler_calls} must be >= 1", "use 1, or 2-4 to overlap rewards")
     for key, r in (("pools.sampler", p.sampler), ("pools.reward", p.reward), ("learner.resources", cfg.learner.resources)):
         for res in ("num_cpus", "num_gpus"):
             _check(getattr(r, res) >= 0, f"{key}.{res}", f"{getattr(r, res)} must be >= 0", "use e.g. num_cpus=1")

@@ -3,9 +3,9 @@
     for each iteration:
         requests  = plan(iteration)              # prompts, SDE window, noise seeds
         collected = system.collect(...)          # samplers grow trees; reward pool scores leaves
-        batch     = merge + drop stale trees     # version lag <= max_staleness
+        kept      = drop stale trees             # version lag <= max_staleness (infos only: no latents here)
         leaf_adv  = combine_rewards(...)         # per-prompt normalised leaf advantages
-        metrics   = system.update(...)           # learner: edge advantages + clipped GRPO; publishes weights
+        metrics   = system.update(...)           # learner fetches the trees, edge advantages + clipped GRPO
         log / evaluate / checkpoint
 
 Every random choice is a function of (seed, iteration), so a resumed run replays exactly the
@@ -33,7 +33,7 @@ from treegrpo_ray.diagnose import diagnose
 from treegrpo_ray.algo.combine import combine_rewards
 from treegrpo_ray.system import Collected, SampleRequest, System, concat_rewards
 from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
-from treegrpo_ray.types import merge_batches
+from treegrpo_ray.types import BatchInfo, merge_infos
 
 EVAL_SEED = 1234
 
@@ -60,9 +60,10 @@ def plan(cfg: Config, prompts: list[str], iteration: int) -> list[SampleRequest]
     if t.variant != "flat":
         window = choose_window(t.num_steps, t.depth, t.window, generator=gen, iteration=iteration,
                                shift_every=t.shift_every, max_start=None if t.max_window_start < 0 else t.max_window_start)
-    per = cfg.prompts_per_iteration // cfg.pools.samplers
+    calls = cfg.pools.samplers * cfg.pools.sampler_calls  # request i goes to sampler i // sampler_calls
+    per = cfg.prompts_per_iteration // calls
     return [SampleRequest(picked[i * per:(i + 1) * per], window, sampler_seed(cfg.seed, iteration, i))
-            for i in range(cfg.pools.samplers)]
+            for i in range(calls)]
 
 
 def expected_nfe(cfg: Config, window: int) -> int:
@@ -74,21 +75,30 @@ def expected_nfe(cfg: Config, window: int) -> int:
 
 # ----------------------------------------------------------------------------- stages
 
+@dataclass
+class Kept:
+    """The batches an update trains on (system handles, in merge order) and the driver's view of
+    their merge (`merge_infos`: leaf order and prompt indices as the learner will merge them)."""
+    batches: list
+    info: BatchInfo
+
+
 def gather(cfg: Config, collected: Collected, learner_version: int):
-    """Merge an iteration's batches, dropping trees grown by weights older than max_staleness
-    (they are dropped, not down-weighted: a stale ratio is meaningless under a clip of 1e-4)."""
-    keep = [i for i, b in enumerate(collected.batches) if learner_version - b.policy_version <= cfg.max_staleness]
-    dropped = len(collected.batches) - len(keep)
-    lags = [learner_version - b.policy_version for b in collected.batches]
+    """Keep an iteration's batches grown by weights at most max_staleness versions old (older
+    ones are dropped; those kept and stale are corrected by the learner: learner.stale_correction)."""
+    lags = [learner_version - b.policy_version for b in collected.infos]
+    keep = [i for i, lag in enumerate(lags) if lag <= cfg.max_staleness]
+    m = {"staleness/dropped_batches": float(len(lags) - len(keep)), "staleness/max_lag": float(max(lags, default=0)),
+         "reward/dropped_trees": float(collected.dropped_trees)}
     if not keep:
-        return None, None, {"staleness/dropped_batches": float(dropped), "staleness/max_lag": float(max(lags))}
-    batch = merge_batches([collected.batches[i] for i in keep])
+        return None, None, m
+    kept = Kept([collected.batches[i] for i in keep], merge_infos([collected.infos[i] for i in keep]))
     raw = concat_rewards([collected.rewards[i] for i in keep])
-    return batch, raw, {"staleness/dropped_batches": float(dropped), "staleness/max_lag": float(max(lags)),
-                        "staleness/mean_lag": sum(lags) / len(lags)}
+    return kept, raw, m | {"staleness/mean_lag": sum(lags) / len(lags)}
 
 
 def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor]):
+    """batch: anything with the merged leaf_prompt (a BatchInfo or a TreeBatch)."""
     leaf_adv, metrics = combine_rewards(raw, builders.reward_weights(cfg), batch.leaf_prompt,
                                         mode=cfg.rewards.aggregate, eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip,
                                         std=cfg.learner.adv_std)
@@ -121,6 +131,7 @@ def progress_line(it: int, total: int, m: dict[str, float], left_s: float | None
     return (f"iter {it + 1:>4}/{total} | reward {m.get('reward/combined', float('nan')):.3f} |{ev} "
             f"loss {m.get('loss/total', float('nan')):+.1e} | clip {m.get('loss/clip_frac', 0):.2f} | "
             f"nfe {int(m.get('perf/nfe', 0))} | {m.get('time/iter_s', 0):.2f} s/it | lag {int(m.get('staleness/max_lag', 0))}"
+            + (f" | dropped {int(m['reward/dropped_trees'])} trees" if m.get("reward/dropped_trees") else "")
             + (f" | eta {eta(left_s)}" if left_s is not None else ""))
 
 
@@ -325,25 +336,32 @@ def figures(cfg: Config, paths: RunPaths, tracker) -> list[str]:
 def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
     """One iteration; returns the handle of the next iteration's sampling and the metrics."""
     t0 = time.perf_counter()
-    collected = system.collect(handle)
     nxt = None
-    if cfg.max_staleness > 0 and it + 1 < cfg.iterations:  # overlap: sample i+1 while learning on i
+    if cfg.max_staleness > 0 and it + 1 < cfg.iterations:
+        # overlap: queue i+1's calls behind i's on the samplers, so they grow i+1 while i's last
+        # leaves are scored and the learner trains on i. The weights are the same as launching
+        # after collect (the learner finished update i-1 before this iteration): lag 1.
         nxt = system.launch(plan(cfg, prompts, it + 1))
-    batch, raw, m = gather(cfg, collected, system.version)
-    if batch is not None:
-        leaf_adv, rm = advantages(cfg, batch, raw)
+    collected = system.collect(handle)
+    kept, raw, m = gather(cfg, collected, system.version)
+    if kept is not None:
+        leaf_adv, rm = advantages(cfg, kept.info, raw)
         m.update(rm)
-        m.update(system.update(batch, leaf_adv, it))
-        m["perf/nfe"] = float(batch.nfe)
-        m["tree/leaves"] = float(batch.num_leaves)
-        m["tree/window_start"] = float(collected.batches[0].extras.get("window_start", -1.0))
+        m.update(system.update(kept.batches, leaf_adv, it))
+        m["perf/nfe"] = float(kept.info.nfe)
+        m["tree/leaves"] = float(kept.info.num_leaves)
+        m["tree/window_start"] = float(kept.info.extras.get("window_start", -1.0))
+        m["perf/tree_bytes"] = float(kept.info.nbytes)  # what stays off the driver: leaves -> rewards, rest -> learner
+        m["perf/leaf_bytes"] = float(kept.info.leaf_bytes)
+        if collected.driver_bytes:  # Ray: what passed through the driver (infos, rewards, advantages)
+            m["perf/driver_bytes"] = float(collected.driver_bytes + leaf_adv.nbytes)
     if nxt is None and it + 1 < cfg.iterations:
         nxt = system.launch(plan(cfg, prompts, it + 1))
     wall = time.perf_counter() - t0
     m.update({"time/iter_s": wall, "time/sample_s": collected.sample_s, "time/reward_s": collected.reward_s,
               "perf/actor_restarts": float(collected.restarts), "weights/version": float(system.version)})
     m.update({f"time/reward/{part}_s": s for part, s in collected.reward_parts.items()})  # decode, each scorer
-    checked = [b.extras["weights_verified"] for b in collected.batches if "weights_verified" in b.extras]
+    checked = [b.extras["weights_verified"] for b in collected.infos if "weights_verified" in b.extras]
     if checked:  # Ray: samplers checked the weights they loaded against the publish fingerprint
         m["weights/verified_samplers"] = float(sum(checked))
     busy = collected.wall_s or wall

@@ -16,6 +16,7 @@ from treegrpo_ray.config import Config
 from treegrpo_ray.rewards.reward_model import timings
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import EVAL_GRID_IMAGES, Collected, SampleRequest, split_leaves
+from treegrpo_ray.types import TreeBatch, merge_batches
 
 
 @dataclass
@@ -63,12 +64,13 @@ class LocalSystem:
             prompts = [batch.prompts[i] for i in batch.leaf_prompt.tolist()]
             scores, metrics = self.rewards.score_latents_with_metrics(leaves, prompts)
             t2 = time.perf_counter()
-            out.add(batch, scores, sample_s=t1 - t0, reward_s=t2 - t1, reward_parts=[timings(metrics)])
+            out.add(batch, batch.info(leaves.nbytes), scores, sample_s=t1 - t0, reward_s=t2 - t1,
+                    reward_parts=[timings(metrics)])
         return out
 
-    def update(self, batch, leaf_advantages, iteration: int) -> dict[str, float]:
+    def update(self, batches: list[TreeBatch], leaf_advantages, iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        metrics = self.learner.update(batch, leaf_advantages, iteration)
+        metrics = self.learner.update(merge_batches(batches), leaf_advantages, iteration)
         metrics["time/learner_s"] = time.perf_counter() - t0
         return metrics
 

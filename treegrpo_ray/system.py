@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from treegrpo_ray.types import TreeBatch
+from treegrpo_ray.types import BatchInfo, TreeBatch
 
 
 EVAL_GRID_IMAGES = 16  # eval images a system decodes for the sample grid
@@ -24,18 +24,25 @@ class SampleRequest:
 
 @dataclass
 class Collected:
-    """An iteration's sampler output, in request order, with each batch's raw rewards per scorer."""
-    batches: list[TreeBatch] = field(default_factory=list)
+    """An iteration's sampler output, in request order: each batch (a TreeBatch in-process, an
+    ObjectRef to one on Ray: the driver never holds latents), its BatchInfo and its raw rewards
+    per scorer. A call whose trees could not all be sampled and scored is left out, and counted."""
+    batches: list[Any] = field(default_factory=list)
+    infos: list[BatchInfo] = field(default_factory=list)
     rewards: list[dict[str, torch.Tensor]] = field(default_factory=list)
     sample_s: float = 0.0   # summed busy seconds of sampler calls
     reward_s: float = 0.0   # summed busy seconds of reward calls
     wall_s: float = 0.0     # launch -> all results in hand
     restarts: int = 0       # actor restarts observed while collecting
     reward_parts: dict[str, float] = field(default_factory=dict)  # of reward_s: decode and each scorer
+    dropped_trees: int = 0  # trees of calls that failed (after Ray's retries): never trained on
+    driver_bytes: int = 0   # serialized bytes the driver fetched (Ray; 0 in-process)
+    dead_rewards: list[int] = field(default_factory=list)  # reward actors that died for good (Ray)
 
-    def add(self, batch: TreeBatch, rewards: dict[str, torch.Tensor], sample_s: float, reward_s: float,
+    def add(self, batch: Any, info: BatchInfo, rewards: dict[str, torch.Tensor], sample_s: float, reward_s: float,
             reward_parts: list[dict[str, float]] = ()) -> None:
         self.batches.append(batch)
+        self.infos.append(info)
         self.rewards.append(rewards)
         self.sample_s += sample_s
         self.reward_s += reward_s
@@ -75,8 +82,9 @@ class System(Protocol):
     def collect(self, handle: Any) -> Collected:
         """Wait for a launched iteration; batches and raw rewards in request order."""
 
-    def update(self, batch: TreeBatch, leaf_advantages: torch.Tensor, iteration: int) -> dict[str, float]:
-        """One GRPO update on the batch's decisions; publishes the new weights; returns metrics."""
+    def update(self, batches: list[Any], leaf_advantages: torch.Tensor, iteration: int) -> dict[str, float]:
+        """One GRPO update on the decisions of `batches` (entries of Collected.batches, merged in
+        this order: `merge_infos` of their infos is the driver's view); publishes the new weights."""
 
     def evaluate(self, prompts: list[str], seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """ODE samples of the current weights: per-scorer rewards (B,) and the first EVAL_GRID_IMAGES images."""

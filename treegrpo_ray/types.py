@@ -87,9 +87,67 @@ class TreeBatch:
         moved = {f: getattr(self, f).to(device) for f in _TENSOR_FIELDS}
         return replace(self, **moved)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the batch's tensors (what moves when the batch moves)."""
+        return sum(getattr(self, f).nbytes for f in _TENSOR_FIELDS)
+
+    def info(self, leaf_bytes: int = 0) -> "BatchInfo":
+        """The driver's view of this batch: no latents. leaf_bytes: of leaf latents already split off."""
+        trees = int(self.tree_index.max()) + 1 if self.tree_index.numel() else 0
+        return BatchInfo(prompts=list(self.prompts), leaf_prompt=self.leaf_prompt.clone(),
+                         policy_version=self.policy_version, nfe=self.nfe, num_decisions=self.num_decisions,
+                         trees=trees, nbytes=self.nbytes + leaf_bytes, leaf_bytes=leaf_bytes, extras=dict(self.extras))
+
+
+@dataclass
+class BatchInfo:
+    """What the driver needs of a TreeBatch to normalise rewards, drop stale trees and log: no
+    latents (the batch itself goes sampler -> object store -> learner by reference)."""
+    prompts: list[str]
+    leaf_prompt: torch.Tensor     # (L,) long, index into `prompts`
+    policy_version: int
+    nfe: int
+    num_decisions: int
+    trees: int                    # trees (groups) in the batch
+    nbytes: int                   # the batch's tensor bytes, leaf latents included
+    leaf_bytes: int = 0           # of which leaf latents (they go to the reward pool, not the learner)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_leaves(self) -> int:
+        return self.leaf_prompt.shape[0]
+
 
 _TENSOR_FIELDS = ("sigmas", "latents", "step_index", "children", "old_log_probs", "child_node", "decision_prompt",
                   "parent", "node_log_prob", "leaf_latents", "leaf_node", "leaf_prompt", "tree_index")
+
+
+def union_prompts(prompt_lists: list[list[str]]) -> tuple[list[str], list[torch.Tensor]]:
+    """Distinct prompts in first-seen order, and per list the map from its indices to theirs."""
+    prompts: list[str] = []
+    index: dict[str, int] = {}
+    for ps in prompt_lists:
+        for p in ps:
+            if p not in index:
+                index[p] = len(prompts)
+                prompts.append(p)
+    return prompts, [torch.tensor([index[p] for p in ps], dtype=torch.long) for ps in prompt_lists]
+
+
+def merge_infos(infos: list[BatchInfo]) -> BatchInfo:
+    """The BatchInfo of `merge_batches` of the same batches, in the same order: the driver's
+    leaf order and prompt indices are the learner's."""
+    if not infos:
+        raise ValueError("merge_infos needs at least one BatchInfo")
+    prompts, remaps = union_prompts([i.prompts for i in infos])
+    leaf_prompt = torch.cat([remap[i.leaf_prompt] if i.leaf_prompt.numel() else i.leaf_prompt
+                             for i, remap in zip(infos, remaps)])
+    return BatchInfo(prompts=prompts, leaf_prompt=leaf_prompt, policy_version=min(i.policy_version for i in infos),
+                     nfe=sum(i.nfe for i in infos), num_decisions=sum(i.num_decisions for i in infos),
+                     trees=sum(i.trees for i in infos), nbytes=sum(i.nbytes for i in infos),
+                     leaf_bytes=sum(i.leaf_bytes for i in infos),
+                     extras=dict(infos[0].extras))
 
 
 def merge_batches(batches: list[TreeBatch]) -> TreeBatch:
@@ -98,19 +156,12 @@ def merge_batches(batches: list[TreeBatch]) -> TreeBatch:
     of a prompt, whichever sampler grew it. All batches must share sigmas, K and variant."""
     if not batches:
         raise ValueError("merge_batches needs at least one TreeBatch")
-    prompts: list[str] = []
-    index = {}
-    for b in batches:
-        for p in b.prompts:
-            if p not in index:
-                index[p] = len(prompts)
-                prompts.append(p)
+    prompts, remaps = union_prompts([b.prompts for b in batches])
     parts = {f: [] for f in _TENSOR_FIELDS if f != "sigmas"}
     node_off = tree_off = 0
-    for b in batches:
+    for b, remap in zip(batches, remaps):
         if not torch.equal(b.sigmas, batches[0].sigmas) or b.variant != batches[0].variant:
             raise ValueError("merge_batches: batches disagree on sigmas or variant")
-        remap = torch.tensor([index[p] for p in b.prompts], dtype=torch.long)
         parts["latents"].append(b.latents)
         parts["step_index"].append(b.step_index)
         parts["children"].append(b.children)

@@ -56,8 +56,8 @@ class LearnerGroup:
             raise RuntimeError(storage.unshared_storage_error(cfg.tracking.output_dir, ready.host))
 
     # -- the commands --------------------------------------------------------------------------------
-    def update(self, batch_ref, leaf_advantages, iteration: int) -> Updated:
-        reply = self.run(Update([batch_ref], leaf_advantages, iteration))
+    def update(self, batch_refs: list, leaf_advantages, iteration: int) -> Updated:
+        reply = self.run(Update(list(batch_refs), leaf_advantages, iteration))
         self.version = reply.version
         return reply
 

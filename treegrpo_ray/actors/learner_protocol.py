@@ -14,7 +14,8 @@ import torch
 
 @dataclass(frozen=True)
 class Update:
-    """One GRPO update on the batch (its ObjectRef, in a list so Ray does not resolve it in transit)."""
+    """One GRPO update on the merge of these batches (the samplers' ObjectRefs, in merge order; in
+    a list so Ray does not resolve them in transit: each worker fetches them from the object store)."""
     batch: list
     leaf_adv: torch.Tensor
     iteration: int

@@ -1,10 +1,11 @@
 """The sampler and reward actor pools and the weight store, sized and placed from config
 (`.options(...)`, never hard-coded), and the dispatch of one iteration's work across them.
 
-Per iteration: sampler i grows its trees and returns (batch, leaf chunks); as soon as a sampler
-finishes, its leaf chunks go *by reference* to the least-loaded reward actors (the driver never
-fetches leaf latents; `dispatch.collect_iteration`); rewards come back matched to their batch
-and chunk."""
+Per iteration: each sampler gets `pools.sampler_calls` calls, queued on it in order, each growing
+the trees of its share of the prompts and returning (info, batch, leaf chunks). As soon as a call
+finishes, its leaf chunks go *by reference* to the least-loaded reward actors
+(`dispatch.collect_iteration`), so rewards run while the sampler grows its next group; the driver
+fetches only infos and rewards. Batches stay in the object store until the learner fetches them."""
 from __future__ import annotations
 
 import math
@@ -41,8 +42,9 @@ class Pools:
         # arguments lives in the object store, which Ray warns may break the restart (ray#53727).
         self.store_name = f"treegrpo-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.store = WeightStore.options(name=self.store_name).remote()
-        per_sampler = leaves_per_iteration(cfg) // p.samplers
-        self.chunks = max(1, math.ceil(per_sampler / p.reward_chunk)) if p.reward_chunk else 1
+        per_call = leaves_per_iteration(cfg) // (p.samplers * p.sampler_calls)
+        self.chunks = max(1, math.ceil(per_call / p.reward_chunk)) if p.reward_chunk else 1
+        self.trees_per_prompt = cfg.tree.trees_per_prompt
         sopts = actor_options(p.sampler, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
         ropts = actor_options(p.reward, max_restarts=p.max_restarts, max_task_retries=p.max_task_retries)
         self.samplers = [ray.remote(SamplerActor).options(**sopts).remote(cfg_dict, self.store_name, self.chunks)
@@ -54,18 +56,24 @@ class Pools:
         ray.get([a.ready.remote() for a in self.samplers + self.rewards])
 
     def launch(self, requests: list[SampleRequest]):
-        """Start every sampler's call with the newest weights: one store lookup per iteration, its
-        ref passed along (a restarted sampler re-runs the call with the same weights)."""
+        """Queue the requests on the samplers, consecutive requests on one sampler (request j on
+        sampler j // calls), all with the newest weights: one store lookup per iteration, its ref
+        passed along with the work (a restarted sampler re-runs the call with the same weights)."""
         weights = ray.get(self.store.latest.remote(-1))
-        opts = {"num_returns": 1 + self.chunks}
-        calls = [s.sample.options(**opts).remote(r.prompts, r.window_start, r.seed, weights)
-                 for s, r in zip(self.samplers, requests)]
-        return time.perf_counter(), [c if isinstance(c, list) else [c] for c in calls]
+        opts = {"num_returns": 2 + self.chunks}
+        per = len(requests) // len(self.samplers)
+        calls = [self.samplers[j // per].sample.options(**opts).remote(r.prompts, r.window_start, r.seed, weights)
+                 for j, r in enumerate(requests)]
+        trees = [len(r.prompts) * self.trees_per_prompt for r in requests]
+        return time.perf_counter(), calls, trees
 
     def collect(self, handle) -> Collected:
-        started, calls = handle
-        out = collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=REPLY_TIMEOUT_S)
+        started, calls, trees = handle
+        out = collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=REPLY_TIMEOUT_S,
+                                trees=trees)
         out.restarts, self.eval_restarts = out.restarts + self.eval_restarts, 0
+        for a in sorted(out.dead_rewards, reverse=True):  # their restarts are used up: route around them
+            self.rewards.pop(a)
         return out
 
     def evaluate(self, prompts: list[str], seed: int):

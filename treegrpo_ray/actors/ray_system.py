@@ -1,6 +1,7 @@
 """The system on Ray, as the driver sees it: joining or starting the cluster (`connect`), the
 sampler/reward pools and weight store (`pools.Pools`), and the Ray Train learner group
-(`learner_group.LearnerGroup`). The merged batch goes to the learner with one `ray.put` and W gets.
+(`learner_group.LearnerGroup`). The samplers' batches go to the learner by reference: the
+learner workers fetch them from the object store; the driver only passes the refs along.
 """
 from __future__ import annotations
 
@@ -105,9 +106,9 @@ class RaySystem:
     def collect(self, handle) -> Collected:
         return self.pools.collect(handle)
 
-    def update(self, batch, leaf_advantages, iteration: int) -> dict[str, float]:
+    def update(self, batches: list, leaf_advantages, iteration: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        reply = self.learner.update(ray.put(batch), leaf_advantages, iteration)
+        reply = self.learner.update(batches, leaf_advantages, iteration)  # ObjectRefs from the samplers
         metrics = dict(reply.metrics)
         metrics["time/learner_s"] = time.perf_counter() - t0
         metrics["perf/learner_restarts"] = float(self.learner.restarts - self.restarts_logged)  # since the last update

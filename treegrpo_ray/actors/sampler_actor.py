@@ -2,8 +2,9 @@
 use (the store's newest version, looked up once per iteration by the driver: the ref travels
 with the work, not an RPC per sampler); the actor loads them if they are newer than its own and
 checks them against the publisher's fingerprint (a load that binds nothing stops the run). It
-returns leaf latents as separate objects, so the driver routes them to the reward pool by
-reference without ever fetching them."""
+returns three kinds of object: the batch's `BatchInfo` (all the driver fetches), the batch without
+its leaves (the learner fetches it), and the leaf latents in chunks (the reward pool fetches them),
+so no latent passes through the driver."""
 from __future__ import annotations
 
 import os
@@ -40,8 +41,8 @@ class SamplerActor:
         self._load(ray.get(self.store.latest.remote(self.version)))
 
     def sample(self, prompts: list[str], window_start: int, seed: int, weights=None):
-        """-> (batch without leaves, leaf chunk 0, ..., leaf chunk n-1). weights: what to sample
-        with (see _load); None: the store's newest."""
+        """-> (BatchInfo, batch without leaves, leaf chunk 0, ..., leaf chunk n-1). weights: what
+        to sample with (see _load); None: the store's newest."""
         t0 = time.perf_counter()
         self._load(weights) if weights is not None else self._pull()
         batch = self.sampler.sample(prompts, window_start=window_start, seed=seed, policy_version=self.version)
@@ -49,7 +50,7 @@ class SamplerActor:
         batch.extras["sample_s"] = time.perf_counter() - t0
         batch.extras["reconstructed"], self.restarted = float(self.restarted), False
         batch.extras["weights_verified"] = float(self.verified)
-        return (batch, *torch.tensor_split(leaves, self.num_chunks))
+        return (batch.info(leaves.nbytes), batch, *torch.tensor_split(leaves, self.num_chunks))
 
     def evaluate(self, prompts: list[str], seed: int) -> torch.Tensor:
         self._pull()

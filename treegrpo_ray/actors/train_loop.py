@@ -39,6 +39,7 @@ from treegrpo_ray.checkpoint import export, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import from_dict
 from treegrpo_ray.learning.learner import TrainingDiverged
 from treegrpo_ray.models.fingerprint import fingerprint
+from treegrpo_ray.types import merge_batches
 
 
 def _restore_path(config: dict) -> str | None:
@@ -126,7 +127,7 @@ def _run(cmd: Envelope, rank: int, policy, learner, store):
     """Run one command on this rank; rank 0's reply (None on the others)."""
     c = cmd.command
     if isinstance(c, Update):
-        metrics = learner.update(ray.get(c.batch[0]), c.leaf_adv, c.iteration)
+        metrics = learner.update(merge_batches(ray.get(c.batch)), c.leaf_adv, c.iteration)
         if rank == 0:
             _publish(store, learner.version, policy)
             return Updated(cmd.seq, learner.version, metrics)

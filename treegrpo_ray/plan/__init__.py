@@ -114,8 +114,8 @@ def learner_rows(cfg: Config, m: ModelFacts) -> int:
 
 
 def sampler_rows(cfg: Config, m: ModelFacts) -> int:
-    per_sampler = groups_per_iteration(cfg) // cfg.pools.samplers * cfg.tree.leaves_per_tree
-    rows = min(cfg.tree.max_batch, per_sampler) if cfg.tree.max_batch else per_sampler
+    per_call = groups_per_iteration(cfg) // (cfg.pools.samplers * cfg.pools.sampler_calls) * cfg.tree.leaves_per_tree
+    rows = min(cfg.tree.max_batch, per_call) if cfg.tree.max_batch else per_call
     return rows * _cfg_rows(cfg, m)
 
 
