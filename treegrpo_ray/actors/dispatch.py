@@ -84,6 +84,15 @@ def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started:
     if len(failed) == len(calls):
         first = failed[min(failed)]
         raise RuntimeError(f"every sampler call of this iteration failed; the first: {first}") from first
+    _assemble(out, calls, infos, scores, failed, chunks, trees)
+    out.wall_s = time.perf_counter() - started
+    return out
+
+
+def _assemble(out: Collected, calls: list[list], infos: dict, scores: dict, failed: dict, chunks: int,
+              trees: list[int] | None) -> None:
+    """The calls that succeeded, in call order, each with its chunks' rewards concatenated; the
+    failed ones counted in dropped_trees."""
     for i in range(len(calls)):
         if i in failed:
             out.dropped_trees += infos[i].trees if i in infos else (trees[i] if trees else 0)
@@ -94,5 +103,3 @@ def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started:
         out.add(calls[i][1], info, merged, sample_s=info.extras.get("sample_s", 0.0),
                 reward_s=sum(p[1] for p in parts), reward_parts=[p[4] for p in parts])
         out.restarts += int(info.extras.get("reconstructed", 0.0)) + sum(int(p[2]) for p in parts)
-    out.wall_s = time.perf_counter() - started
-    return out
