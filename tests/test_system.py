@@ -83,6 +83,7 @@ def test_ray_matches_local_for_the_same_seed(tiny_sd3_dir, tmp_path, ray_local):
 
 
 @pytest.mark.ray
+@pytest.mark.integration  # ~2.5 min: the second tier keeps the default one well under 30 min
 def test_pipelined_ray_matches_local_with_queued_calls_and_staleness_one(tiny_sd3_dir, tmp_path, ray_local):
     """2 samplers x 2 queued calls each (pools.sampler_calls) and max_staleness=1: iteration i+1's
     calls are queued before i is collected; the learner fetches the 4 batches by reference and
