@@ -161,3 +161,38 @@ def test_vectorised_equals_recursive_on_random_forests(forest, weighting, temper
     torch.testing.assert_close(fast[is_leaf], leaves[is_leaf])
     lo, hi = leaves[is_leaf].min(), leaves[is_leaf].max()
     assert (fast >= lo - 1e-5).all() and (fast <= hi + 1e-5).all()
+
+
+def test_running_prompt_stats_by_hand():
+    """DDPO's tracker, buffer 3, min_count 2, eps 0: new rewards join the buffer first; a prompt
+    with fewer than 2 rewards uses the whole call's mean/std (population)."""
+    from treegrpo_ray.algo.advantages import RunningPromptStats
+    s = RunningPromptStats(buffer=3, min_count=2, eps=0.0)
+    # call 1: a -> [1, 3] (2 rewards: its own mean 2, std 1); b -> [2] (1 < 2: the call's mean 2)
+    a1 = s.normalize(torch.tensor([1.0, 3.0, 2.0]), ["a", "a", "b"])
+    torch.testing.assert_close(a1, torch.tensor([-1.0, 1.0, 0.0]))
+    # call 2: a -> [1, 3, 5] mean 3, std sqrt(8/3); b -> [2, 4] mean 3, std 1
+    a2 = s.normalize(torch.tensor([5.0, 4.0]), ["a", "b"])
+    torch.testing.assert_close(a2, torch.tensor([2 / (8 / 3) ** 0.5, 1.0]))
+    # the state carries over: a copy from state() normalises call 3 exactly like the original
+    copy = RunningPromptStats(buffer=3, min_count=2, eps=0.0, state=s.state())
+    # call 3: a's buffer keeps the last 3 -> [3, 5, 7] mean 5, std sqrt(8/3)
+    a3 = s.normalize(torch.tensor([7.0]), ["a"])
+    torch.testing.assert_close(a3, torch.tensor([2 / (8 / 3) ** 0.5]))
+    torch.testing.assert_close(copy.normalize(torch.tensor([7.0]), ["a"]), a3)
+    assert s.state() == {"a": [3.0, 5.0, 7.0], "b": [2.0, 4.0]}
+
+
+def test_combine_rewards_with_a_custom_normalizer_clips_after_it():
+    from treegrpo_ray.algo.combine import combine_rewards
+    raw = {"x": torch.tensor([0.0, 1.0, float("nan"), 3.0])}
+    seen = []
+
+    def normalize(r, ids):  # receives only the finite leaves
+        seen.append((r.tolist(), ids.tolist()))
+        return r * 10
+    adv, m = combine_rewards(raw, {"x": 1.0}, torch.tensor([0, 0, 1, 1]), clip=5.0, normalize=normalize)
+    assert seen == [([0.0, 1.0, 3.0], [0, 0, 1])]
+    assert adv.tolist() == [0.0, 5.0, 0.0, 5.0] and m["reward/dropped"] == 1.0
+    with pytest.raises(ValueError, match="mode='raw'"):
+        combine_rewards(raw, {"x": 1.0}, torch.tensor([0, 0, 1, 1]), mode="advantage", normalize=normalize)

@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from treegrpo_ray.algo.tree import build_tree, choose_window, count_nfe, count_nfe_flat
+from treegrpo_ray.algo.tree import (build_tree, choose_window, count_nfe, count_nfe_flat, flat_train_count,
+                                   flat_trained_steps)
 
 torch.set_num_threads(1)
 
@@ -95,6 +96,36 @@ def test_choose_window_sliding():
     assert starts == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 0, 0]  # iteration 14: 7 % 7 = 0
     # max_start = 2 -> starts cycle 0, 1, 2
     assert [choose_window(10, 4, "sliding", iteration=i, max_start=2) for i in range(4)] == [0, 1, 2, 0]
+    # MixGRPO's progressive schedule: start floor(i / tau) * s, back to 0 past max_start.
+    # T=10, d=3 -> max_start 7; tau 2, s 3: starts 0, 3, 6, then 9 > 7 -> 0
+    starts = [choose_window(10, 3, "sliding", iteration=i, shift_every=2, stride=3) for i in range(8)]
+    assert starts == [0, 0, 3, 3, 6, 6, 0, 0]
+
+
+def test_flat_train_count_as_each_peer_counts():
+    # T = 10, f = 0.6: DanceGRPO int(9 * 0.6) = 5; Flow-GRPO int(10 * 0.6) = 6; batch round(6.0) = 6
+    assert [flat_train_count(10, 0.6, s) for s in ("dancegrpo", "flow_grpo", "batch")] == [5, 6, 6]
+    # Flow-GRPO's SD3 presets: T = 10, f = 0.99 -> int(9.9) = 9, steps 0..8: the last step is left out
+    assert flat_train_count(10, 0.99, "flow_grpo") == 9
+    assert flat_train_count(16, 0.6, "dancegrpo") == 9  # DanceGRPO's flux script: int(15 * 0.6)
+    assert flat_train_count(4, 0.1, "dancegrpo") == 0 and flat_train_count(4, 0.1, "batch") == 1
+    with pytest.raises(ValueError, match="style"):
+        flat_train_count(10, 0.6, "ddpo")
+
+
+def test_flat_trained_steps_by_style():
+    g = torch.Generator().manual_seed(0)
+    assert flat_trained_steps(10, 0.99, "flow_grpo", 2, g).tolist() == [list(range(9))] * 2
+    steps = flat_trained_steps(10, 0.6, "dancegrpo", 200, torch.Generator().manual_seed(0))
+    assert steps.shape == (200, 5) and (steps.diff(dim=1) > 0).all()     # 5 distinct, ascending
+    assert set(steps.flatten().tolist()) == set(range(9))               # every step but the last, T-1 = 9
+    assert len({tuple(r) for r in steps.tolist()}) > 100                 # own draw per trajectory
+    batch = flat_trained_steps(10, 0.6, "batch", 3, torch.Generator().manual_seed(0))
+    assert (batch == batch[0]).all() and batch.shape == (3, 6)
+    # same generator draws as the first flat baseline: sorted(randperm(T)[:n])
+    assert batch[0].tolist() == sorted(torch.randperm(10, generator=torch.Generator().manual_seed(0))[:6].tolist())
+    with pytest.raises(ValueError, match="trains no step"):
+        flat_trained_steps(4, 0.1, "dancegrpo", 1, g)
 
 
 def test_choose_window_random_is_seeded_and_covers_range():
@@ -110,6 +141,7 @@ def test_choose_window_random_is_seeded_and_covers_range():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(mode="random"), "explicit torch.Generator"),
     (dict(mode="sliding", shift_every=0), "shift_every"),
+    (dict(mode="sliding", stride=0), "stride"),
     (dict(mode="sliding", max_start=8), "max_start"),
     (dict(mode="diagonal"), "unknown window mode"),
 ])

@@ -4,7 +4,7 @@ through the learner and the driver, not only tree.
 
 Hand counts for 2 prompts, trees_per_prompt=2, T=4:
   tree k=2 d=2: 4 trees x 4 leaves = 16 leaves; 4 x (1 + 2) = 12 decisions
-  flat G=3, train_fraction 0.5: 4 groups x 3 = 12 leaves; 12 x round(0.5 * 4) = 24 decisions
+  flat G=3, train_fraction 0.5, Flow-GRPO's steps: 4 groups x 3 = 12 leaves; 12 x int(0.5 * 4) = 24 decisions
   mix  G=3, d=2: 4 groups x 3 = 12 leaves; 12 x 2 = 24 decisions
 (issue 15: build_sampler never passed trees_per_prompt, so a config of 2 gave half of these.)"""
 import mlflow
@@ -17,7 +17,8 @@ from treegrpo_ray.driver import expected_nfe, run
 
 VARIANTS = {
     "tree": (["tree.k=2", "tree.depth=2"], 16, 12),
-    "flat": (["tree.variant=flat", "tree.group_size=3", "tree.train_fraction=0.5", "learner.edge_baseline=none"], 12, 24),
+    "flat": (["tree.variant=flat", "tree.group_size=3", "tree.train_fraction=0.5", "tree.flat_steps=flow_grpo",
+             "learner.edge_baseline=none"], 12, 24),
     "mix": (["tree.variant=mix", "tree.group_size=3", "tree.depth=2", "learner.edge_baseline=none"], 12, 24),
 }
 

@@ -220,6 +220,30 @@ def test_reference_is_the_base_model(tiny_sd3_dir, policy):
             assert (p.predict(x, sig, PROMPTS) - base).abs().max() > 1e-3  # restored on exit
 
 
+def test_uncond_grad_off_leaves_only_the_conditional_gradient(tiny_sd3_dir):
+    # v = u + g (c - u) = (1 - g) u + g c, so for L = <v, w>:
+    #   both halves:  dL = (1 - g) d<u, w> + g d<c, w>;   uncond detached: dL = g d<c, w>
+    p, g = load(tiny_sd3_dir), 4.5
+    x, sig = inputs(p)
+    w = torch.randn((3, *p.latent_shape), generator=torch.Generator().manual_seed(1))
+    params = p.trainable_parameters()
+
+    def grad(fn):
+        p.denoiser.zero_grad(set_to_none=True)
+        (fn() * w).sum().backward()
+        return torch.cat([q.grad.flatten() for q in params])
+
+    both = grad(lambda: p.predict(x, sig, PROMPTS))
+    cond_only = grad(lambda: p.predict(x, sig, PROMPTS, uncond_grad=False))
+    c = grad(lambda: p.predict(x, sig, PROMPTS, cfg_scale=1.0))
+    u = grad(lambda: p.predict(x, sig, [p.negative_prompt] * 3, cfg_scale=1.0))
+    torch.testing.assert_close(cond_only, g * c, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(both, (1 - g) * u + g * c, atol=1e-5, rtol=1e-4)
+    assert (both - cond_only).norm() > 0.1 * both.norm()  # the two options differ: the test can fail
+    with torch.no_grad():  # values are the same either way: re-scoring stays exact
+        torch.testing.assert_close(p.predict(x, sig, PROMPTS, uncond_grad=False), p.predict(x, sig, PROMPTS))
+
+
 def test_gradients_reach_only_trainable_tensors(tiny_sd3_dir):
     p = load(tiny_sd3_dir, lora_rank=2)
     x, sig = inputs(p)

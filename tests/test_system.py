@@ -66,6 +66,23 @@ def test_resume_continues_the_same_run_and_replays_exactly(tiny_sd3_dir, tmp_pat
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)    # the same bits
 
 
+def test_ddpo_running_stats_travel_in_the_checkpoint_and_resume_exactly(tiny_sd3_dir, tmp_path):
+    """DDPO's baseline (flat, per-prompt running statistics): the buffers are run state; a resumed
+    run that lost them would normalise iteration 3 with the batch's statistics instead."""
+    ddpo = ["mode=local", "tree.variant=flat", "tree.flat_steps=batch", "learner.edge_baseline=none",
+            "learner.adv_stats=running", "learner.adv_buffer=8", "learner.adv_min_count=4", "learner.adv_eps=1e-6"]
+    full = run(smoke_cfg(tiny_sd3_dir, tmp_path / "full", *ddpo, "iterations=3"))
+    run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", *ddpo, "iterations=2"))
+    resumed = run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", *ddpo, "iterations=3", "checkpoint.resume=latest"))
+    _, _, state = load_checkpoint(tmp_path / "cut" / "r" / "checkpoints" / "iter_000002")
+    assert state["adv_stats"] and all(1 <= len(v) <= 8 for v in state["adv_stats"].values())
+    a, b = dict(metric_steps(full, "loss/total"))[3], dict(metric_steps(resumed, "loss/total"))[3]
+    assert a == b
+    wa, _, _ = load_checkpoint(tmp_path / "full" / "r" / "checkpoints" / "iter_000003")
+    wb, _, _ = load_checkpoint(tmp_path / "cut" / "r" / "checkpoints" / "iter_000003")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.ray
 def test_ray_matches_local_for_the_same_seed(tiny_sd3_dir, tmp_path, ray_local):
     # in-process on one thread, the thread count each actor is given (num_cpus=1): the same bits

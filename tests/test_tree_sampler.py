@@ -91,7 +91,7 @@ def test_nfe_is_spent_and_equals_count_nfe(policy, p):
 
 
 def test_flat_shapes_chains_and_nfe(policy):
-    b = sampler(policy, "flat", train_fraction=0.5).sample(PROMPTS, window_start=0, seed=2)
+    b = sampler(policy, "flat", train_fraction=0.5, flat_steps="batch").sample(PROMPTS, window_start=0, seed=2)
     # R = 2 prompts * 3 trajectories; round(0.5 * 6) = 3 trained steps each -> N = 18, M = 6 * 4
     assert (b.num_decisions, b.children.shape[1], b.parent.shape[0], b.num_leaves) == (18, 1, 24, 6)
     assert b.nfe == 2 * count_nfe_flat(T, 3) == 36
@@ -115,8 +115,30 @@ def test_mix_shapes_window_and_chain_continuity(policy):
     torch.testing.assert_close(rescore(policy, b).log_prob, b.old_log_probs, atol=1e-4, rtol=0)
 
 
+def test_flat_dancegrpo_draws_steps_per_trajectory_and_never_the_last(policy):
+    # DanceGRPO: int((6 - 1) * 0.6) = 3 steps per trajectory, each its own draw from steps 0..4
+    b = sampler(policy, "flat", train_fraction=0.6).sample(PROMPTS, window_start=0, seed=7)
+    steps = b.step_index.view(6, 3)
+    assert b.num_decisions == 18 and (steps < T - 1).all()
+    assert all(row == sorted(set(row)) for row in steps.tolist())
+    assert len({tuple(row) for row in steps.tolist()}) > 1  # 10 subsets; 6 rows all alike: chance 1e-5
+    # each trajectory's stored latents are the states its own steps start from: the chain holds
+    assert (steps[:, 1:] == steps[:, :-1] + 1).any()
+    assert torch.equal(b.latents.view(6, 3, -1)[:, 1:][steps[:, 1:] == steps[:, :-1] + 1],
+                       b.children.view(6, 3, -1)[:, :-1][steps[:, 1:] == steps[:, :-1] + 1])
+    torch.testing.assert_close(rescore(policy, b).log_prob, b.old_log_probs, atol=1e-4, rtol=0)
+
+
+def test_flat_flow_grpo_trains_the_leading_steps(policy):
+    # Flow-GRPO: int(6 * 0.5) = 3 leading steps 0, 1, 2, consecutive so each child is the next state
+    b = sampler(policy, "flat", train_fraction=0.5, flat_steps="flow_grpo").sample(PROMPTS, window_start=0, seed=2)
+    assert b.step_index.tolist() == [0, 1, 2] * 6
+    assert torch.equal(b.latents.view(6, 3, -1)[:, 1:], b.children.view(6, 3, -1)[:, :-1])
+    torch.testing.assert_close(rescore(policy, b).log_prob, b.old_log_probs, atol=1e-4, rtol=0)
+
+
 def test_flat_trained_steps_follow_train_fraction_and_seed(policy):
-    s = sampler(policy, "flat", train_fraction=0.6)
+    s = sampler(policy, "flat", train_fraction=0.6, flat_steps="batch")
     seen = set()
     for seed in range(4):
         steps = s.sample(PROMPTS[:1], window_start=0, seed=seed).step_index[:4].tolist()

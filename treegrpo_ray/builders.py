@@ -77,7 +77,7 @@ def build_sampler(cfg: Config, policy):
     t = cfg.tree
     return TreeSampler(policy, variant=t.variant, num_steps=t.num_steps, k=t.k, depth=t.depth,
                        noise_level=t.noise_level, group_size=t.leaves_per_tree, trees_per_prompt=t.trees_per_prompt,
-                       train_fraction=t.train_fraction,
+                       train_fraction=t.train_fraction, flat_steps=t.flat_steps,
                        share_initial_noise=t.share_initial_noise, logprob_reduction=t.logprob_reduction,
                        max_batch=t.max_batch or None)
 
@@ -103,7 +103,7 @@ def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size
                        grad_clip=lr.grad_clip, minibatches=lr.minibatches, epochs=lr.epochs,
                        micro_batch=lr.micro_batch, noise_level=cfg.tree.noise_level,
                        logprob_reduction=cfg.tree.logprob_reduction, max_bad_updates=lr.max_bad_updates,
-                       explode_factor=lr.explode_factor, stale_correction=lr.stale_correction, rank=rank,
+                       explode_factor=lr.explode_factor, stale_correction=lr.stale_correction, cfg_grad=lr.cfg_grad, rank=rank,
                        world_size=world_size, seed=cfg.seed)
 
 

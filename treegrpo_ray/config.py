@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from treegrpo_ray import storage
+from treegrpo_ray.algo.tree import FLAT_STEPS, flat_train_count
 from treegrpo_ray.config_parse import ConfigError, _build, _merge, _parse_scalar, _set_dotted
 from treegrpo_ray.rewards.kinds import REWARD_KINDS
 
@@ -58,11 +59,15 @@ class TreeConfig:
     k: int = doc(3, "branching factor: children per node inside the SDE window (tree)")
     depth: int = doc(3, "d, SDE window length in steps; tree has k**d leaves")
     window: str = doc("random", "window placement: random (paper) | sliding (authors' code)")
-    shift_every: int = doc(1, "sliding window: iterations between one-step shifts (tau)")
+    shift_every: int = doc(1, "sliding window: iterations between shifts (tau)")
+    window_stride: int = doc(1, "sliding window: steps it moves per shift (MixGRPO's prog_overlap_step)")
     max_window_start: int = doc(-1, "last allowed window start; -1 = num_steps - depth")
     noise_level: float = doc(0.7, "eta, SDE noise level (Flow-GRPO form)")
     group_size: int = doc(0, "flat/mix: trajectories per prompt; 0 = k**depth (equal leaves to tree)")
-    train_fraction: float = doc(0.6, "flat: fraction of the T steps trained per trajectory")
+    train_fraction: float = doc(0.6, "flat: fraction of the steps trained per trajectory (counted as flat_steps says)")
+    flat_steps: str = doc("dancegrpo", "flat: which steps a trajectory trains: dancegrpo (int((T-1)*f) drawn per "
+                          "trajectory from all but the last step) | flow_grpo (the int(T*f) leading steps; its "
+                          "presets use f=0.99) | batch (round(T*f) of all T steps, one draw per batch)")
     share_initial_noise: bool = doc(False, "flat: all trajectories of a prompt start from the same noise")
     trees_per_prompt: int = doc(1, "trees (or groups) grown per prompt per iteration")
     logprob_reduction: str = doc("mean", "log-prob reduction over latent elements: mean (peers) | sum (exact density)")
@@ -119,7 +124,12 @@ class LearnerConfig:
     clip_eps: float = doc(0.2, "PPO/GRPO ratio clip epsilon (authors' SD3.5 code: 1e-4)")
     adv_std: str = doc("prompt", "scale of centred leaf rewards: prompt (GRPO: per-prompt std) | batch (one "
                        "batch-wide std; prompts whose leaves all score alike stay small) | none")
-    adv_eps: float = doc(1e-4, "epsilon added to the reward std")
+    adv_stats: str = doc("group", "reward baseline: group (GRPO: this iteration's leaves of the prompt) | running "
+                         "(DDPO: the prompt's last adv_buffer rewards over all iterations, the batch's while it "
+                         "has fewer than adv_min_count; replaces adv_std; needs rewards.aggregate=raw)")
+    adv_buffer: int = doc(16, "running: rewards kept per prompt (DDPO: 16)")
+    adv_min_count: int = doc(16, "running: rewards a prompt needs before its own statistics are used (DDPO: 16)")
+    adv_eps: float = doc(1e-4, "epsilon added to the reward std (DDPO: 1e-6)")
     adv_clip: float = doc(5.0, "clip normalised leaf advantages to +-adv_clip")
     weighting: str = doc("uniform", "value propagation: uniform (authors' code) | softmax (paper, by old log-prob)")
     temperature: float = doc(1.0, "softmax weighting temperature")
@@ -143,6 +153,9 @@ class LearnerConfig:
     stale_correction: str = doc("decoupled", "trees older than the learner (max_staleness >= 1): decoupled (decoupled "
                                 "PPO: clip against the weights the update starts from, re-scored, and weight each edge "
                                 "by pi_prox / pi_tree) | none (clip against the tree's own log-probs)")
+    cfg_grad: str = doc("both", "CFG in the learner's forward: both (gradient through the conditional and the "
+                        "unconditional output: ddpo-pytorch, DanceGRPO-SD, Flow-GRPO since mid-2025) | cond "
+                        "(the unconditional output detached, as Flow-GRPO's July-2025 trainer)")
     max_bad_updates: int = doc(3, "consecutive skipped (non-finite / exploding) updates before the run stops")
     explode_factor: float = doc(100.0, "an update whose grad norm exceeds this x the running median is skipped")
 
@@ -197,8 +210,10 @@ _CHOICES = {
     "model.kind": ("auto", "flow", "ddim"), "model.dtype": ("float32", "bfloat16", "float16"),
     "model.device": ("auto", "cpu", "cuda"), "tree.variant": ("tree", "flat", "mix"),
     "tree.window": ("random", "sliding"), "tree.logprob_reduction": ("mean", "sum"),
+    "tree.flat_steps": FLAT_STEPS,
     "rewards.aggregate": ("raw", "advantage"), "learner.weighting": ("uniform", "softmax"),
     "learner.adv_std": ("prompt", "batch", "none"), "learner.edge_baseline": ("none", "parent"),
+    "learner.cfg_grad": ("both", "cond"), "learner.adv_stats": ("group", "running"),
     "learner.strategy": ("ddp", "fsdp"), "mode": ("ray", "local"),
 }
 
@@ -282,6 +297,7 @@ def validate(cfg: Config) -> Config:
            f"use at most num_steps - depth = {t.num_steps - t.depth}, or -1")
     _check(t.max_window_start >= -1, "tree.max_window_start", "must be >= -1", "use -1 for 'num_steps - depth'")
     _check(t.shift_every >= 1, "tree.shift_every", "must be >= 1", "use 1 to shift every iteration")
+    _check(t.window_stride >= 1, "tree.window_stride", "must be >= 1", "use 1 to move one step per shift")
     _check(t.noise_level >= 0 and math.isfinite(t.noise_level), "tree.noise_level", "must be finite and >= 0",
            "use e.g. 0.7")
     _check(t.group_size >= 0, "tree.group_size", "must be >= 0", "use 0 for k**depth")
@@ -290,6 +306,10 @@ def validate(cfg: Config) -> Config:
     _check(t.max_batch >= 0, "tree.max_batch", "must be >= 0", "use 0 for no limit")
     if t.variant != "tree":
         _check(t.leaves_per_tree >= 2, "tree.group_size", "GRPO needs >= 2 trajectories per prompt", "use >= 2")
+    if t.variant == "flat":
+        _check(flat_train_count(t.num_steps, t.train_fraction, t.flat_steps) >= 1, "tree.train_fraction",
+               f"{t.train_fraction} of {t.num_steps} steps trains no step under flat_steps={t.flat_steps}",
+               "raise tree.train_fraction (DanceGRPO counts int((T-1)*f), Flow-GRPO int(T*f))")
     _check(cfg.model.true_cfg_scale >= 1 and math.isfinite(cfg.model.true_cfg_scale), "model.true_cfg_scale",
            f"{cfg.model.true_cfg_scale} is below 1", "use 1 (off) or e.g. 4 for FLUX true CFG")
     _check(cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution",
@@ -351,7 +371,7 @@ def decisions_per_iteration(cfg: Config) -> int:
     groups = groups_per_iteration(cfg)
     if t.variant == "tree":
         return groups * (t.k ** t.depth - 1) // (t.k - 1)
-    per_traj = max(1, round(t.train_fraction * t.num_steps)) if t.variant == "flat" else t.depth
+    per_traj = flat_train_count(t.num_steps, t.train_fraction, t.flat_steps) if t.variant == "flat" else t.depth
     return groups * t.leaves_per_tree * per_traj
 
 
@@ -375,6 +395,13 @@ def _validate_learner(cfg: Config) -> None:
            "use learner.kl_form=exact")
     _check(lr.stale_correction in ("decoupled", "none"), "learner.stale_correction",
            f"{lr.stale_correction!r} is not decoupled | none", "use decoupled")
+    for key in ("adv_buffer", "adv_min_count"):
+        _check(getattr(lr, key) >= 1, f"learner.{key}", f"{getattr(lr, key)} must be >= 1", "use 16 (DDPO's default)")
+    _check(lr.adv_min_count <= lr.adv_buffer, "learner.adv_min_count",
+           f"{lr.adv_min_count} is more than the {lr.adv_buffer} rewards a prompt keeps, so its own statistics are never used",
+           "use learner.adv_min_count <= learner.adv_buffer")
+    _check(lr.adv_stats == "group" or cfg.rewards.aggregate == "raw", "learner.adv_stats",
+           "running statistics are kept of one combined reward per leaf", "use rewards.aggregate=raw")
     _check(lr.max_bad_updates >= 1, "learner.max_bad_updates", f"{lr.max_bad_updates} must be >= 1", "use 3")
     n, parts = decisions_per_iteration(cfg), lr.workers * lr.minibatches
     _check(n % parts == 0, "learner.workers x learner.minibatches",

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from treegrpo_ray import builders, report, storage
+from treegrpo_ray.algo.advantages import RunningPromptStats
 from treegrpo_ray.algo.seeds import iteration_seed, sampler_seed
 from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
 from treegrpo_ray.checkpoint import STATE_FILE, latest_checkpoint, read_run_state
@@ -59,7 +60,8 @@ def plan(cfg: Config, prompts: list[str], iteration: int) -> list[SampleRequest]
     window = 0
     if t.variant != "flat":
         window = choose_window(t.num_steps, t.depth, t.window, generator=gen, iteration=iteration,
-                               shift_every=t.shift_every, max_start=None if t.max_window_start < 0 else t.max_window_start)
+                               shift_every=t.shift_every, stride=t.window_stride,
+                               max_start=None if t.max_window_start < 0 else t.max_window_start)
     calls = cfg.pools.samplers * cfg.pools.sampler_calls  # request i goes to sampler i // sampler_calls
     per = cfg.prompts_per_iteration // calls
     return [SampleRequest(picked[i * per:(i + 1) * per], window, sampler_seed(cfg.seed, iteration, i))
@@ -97,11 +99,16 @@ def gather(cfg: Config, collected: Collected, learner_version: int):
     return kept, raw, m | {"staleness/mean_lag": sum(lags) / len(lags)}
 
 
-def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor]):
-    """batch: anything with the merged leaf_prompt (a BatchInfo or a TreeBatch)."""
+def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor], stats: RunningPromptStats | None = None):
+    """batch: anything with the merged leaf_prompt (a BatchInfo or a TreeBatch); stats: DDPO's
+    running per-prompt statistics (learner.adv_stats=running), updated here, else the group's."""
+    normalize = None
+    if stats is not None:
+        def normalize(r, ids):
+            return stats.normalize(r, [batch.prompts[i] for i in ids.tolist()])
     leaf_adv, metrics = combine_rewards(raw, builders.reward_weights(cfg), batch.leaf_prompt,
                                         mode=cfg.rewards.aggregate, eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip,
-                                        std=cfg.learner.adv_std)
+                                        std=cfg.learner.adv_std, normalize=normalize)
     dropped = metrics["reward/dropped"]  # leaves with a NaN/inf reward: advantage 0, counted here
     if dropped > cfg.rewards.max_nonfinite_fraction * leaf_adv.numel():
         raise RuntimeError(f"{int(dropped)} of {leaf_adv.numel()} leaves have non-finite rewards, more than "
@@ -256,6 +263,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     train_prompts, eval_prompts = builders.load_prompts(cfg, "train"), builders.load_prompts(cfg, "eval")
     held_out = builders.load_prompts(cfg, "held_out")
     history: list[dict[str, float]] = []
+    stats = (RunningPromptStats(cfg.learner.adv_buffer, cfg.learner.adv_min_count, cfg.learner.adv_eps,
+                                state=paths.run_state.get("adv_stats")) if cfg.learner.adv_stats == "running" else None)
     status, system = "FAILED", None
     try:
         system = build_system(cfg, paths.resume_from)
@@ -268,7 +277,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
         handle = system.launch(plan(cfg, train_prompts, start)) if start < cfg.iterations else None
         loop_t0 = time.perf_counter()
         for it in range(start, cfg.iterations):
-            handle, m = iteration(cfg, system, handle, train_prompts, it)
+            handle, m = iteration(cfg, system, handle, train_prompts, it, stats)
             step = it + 1
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iterations):
                 em, images = evaluate(cfg, system, eval_prompts, held_out)
@@ -286,7 +295,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
                 print(progress_line(it, cfg.iterations, m, left), file=out, flush=True)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.iterations:
                 system.save(paths.checkpoints, step, {"next_iteration": step, "mlflow_run_id": tracker.run_id,
-                                                      "seed": cfg.seed, "version": system.version}, cfg.checkpoint.keep)
+                                                      "seed": cfg.seed, "version": system.version}
+                            | ({"adv_stats": stats.state()} if stats else {}), cfg.checkpoint.keep)
         export_dir, extra = finish(cfg, system, paths, tracker, history, out)
         status = "FINISHED"
     finally:
@@ -333,7 +343,7 @@ def figures(cfg: Config, paths: RunPaths, tracker) -> list[str]:
     return written
 
 
-def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
+def iteration(cfg: Config, system, handle, prompts: list[str], it: int, stats: RunningPromptStats | None = None):
     """One iteration; returns the handle of the next iteration's sampling and the metrics."""
     t0 = time.perf_counter()
     nxt = None
@@ -345,7 +355,7 @@ def iteration(cfg: Config, system, handle, prompts: list[str], it: int):
     collected = system.collect(handle)
     kept, raw, m = gather(cfg, collected, system.version)
     if kept is not None:
-        leaf_adv, rm = advantages(cfg, kept.info, raw)
+        leaf_adv, rm = advantages(cfg, kept.info, raw, stats)
         m.update(rm)
         m.update(system.update(kept.batches, leaf_adv, it))
         m["perf/nfe"] = float(kept.info.nfe)

@@ -21,6 +21,8 @@ Conventions / departures:
 * Statistics are computed in float64; results come back in float32.
 * The flat baseline (Flow-GRPO / DanceGRPO) uses `normalize_per_prompt` on trajectory rewards;
   the learner gives every trained step of a trajectory that advantage (a chain's only leaf).
+* `RunningPromptStats` is DDPO's baseline instead of GRPO's group: per-prompt statistics over
+  a buffer that persists across iterations (Black et al. 2023, arXiv 2305.13301, §4.2).
 """
 from __future__ import annotations
 
@@ -73,6 +75,49 @@ def normalize_per_prompt(rewards: torch.Tensor, prompt_ids: torch.Tensor, eps: f
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.float()
+
+
+class RunningPromptStats:
+    """DDPO's per-prompt reward statistics across iterations (its reference trainer's defaults:
+    buffer 16, min_count 16, eps 1e-6).
+
+    `normalize(rewards, prompts)`: each prompt's new rewards first join its buffer (the last
+    `buffer` rewards it received, over all iterations), then A = (r - mean) / (std + eps), with the
+    buffer's population mean/std, or, while a prompt's buffer holds fewer than `min_count`
+    rewards, the mean/std of all of this call's rewards. The state is plain floats
+    (`state()` / `RunningPromptStats(..., state=...)`), so a checkpoint can carry it.
+    """
+
+    def __init__(self, buffer: int = 16, min_count: int = 16, eps: float = 1e-6,
+                 state: dict[str, list[float]] | None = None):
+        if buffer < 1 or min_count < 1 or eps < 0:
+            raise ValueError(f"need buffer >= 1, min_count >= 1 and eps >= 0, got {buffer}, {min_count}, {eps}")
+        self.buffer, self.min_count, self.eps = buffer, min_count, eps
+        self.history: dict[str, list[float]] = {k: list(v)[-buffer:] for k, v in (state or {}).items()}
+
+    def state(self) -> dict[str, list[float]]:
+        return {k: list(v) for k, v in self.history.items()}
+
+    def normalize(self, rewards: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """rewards (L,), prompts: L prompt strings -> (L,) float32 advantages."""
+        if rewards.dim() != 1 or len(prompts) != rewards.shape[0]:
+            raise ValueError(f"need (L,) rewards and L prompts, got {tuple(rewards.shape)} and {len(prompts)}")
+        if not torch.isfinite(rewards).all():
+            raise ValueError("rewards contain NaN/inf")
+        r = rewards.double().cpu()
+        adv = torch.empty_like(r)
+        fallback = (r.mean(), r.std(unbiased=False))
+        for prompt in dict.fromkeys(prompts):
+            rows = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+            seen = (self.history.get(prompt, []) + r[rows].tolist())[-self.buffer:]
+            self.history[prompt] = seen
+            if len(seen) < self.min_count:
+                mean, std = fallback
+            else:
+                buf = torch.tensor(seen, dtype=torch.float64)
+                mean, std = buf.mean(), buf.std(unbiased=False)
+            adv[rows] = (r[rows] - mean) / (std + self.eps)
+        return adv.float().to(rewards.device)
 
 
 def _check_forest(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str, log_probs, temperature) -> None:

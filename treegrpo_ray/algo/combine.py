@@ -14,6 +14,7 @@ also want to keep dropped leaves out of tree value propagation.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -63,9 +64,13 @@ def _stats(prefix: str, r: torch.Tensor) -> dict[str, float]:
 
 def combine_rewards(raw: dict[str, torch.Tensor], weights: dict[str, float], prompt_ids: torch.Tensor,
                     mode: str = "raw", eps: float = 1e-4,
-                    clip: float | None = None, std: str = "prompt") -> tuple[torch.Tensor, dict[str, float]]:
+                    clip: float | None = None, std: str = "prompt",
+                    normalize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """raw: name -> (L,) rewards; weights: name -> float (same names); prompt_ids (L,) long;
-    std: how centred rewards are scaled (`algo.advantages.normalize_per_prompt`).
+    std: how centred rewards are scaled (`algo.advantages.normalize_per_prompt`); normalize:
+    (combined finite rewards (L',), their prompt_ids) -> (L',) advantages in place of the group
+    normalisation ("raw" mode only; e.g. DDPO's `RunningPromptStats`), clipped to +-clip after.
     Returns (advantages (L,) float32, metrics of python floats)."""
     _check(raw, weights, prompt_ids, mode)
     mask, metrics = finite_mask(raw)
@@ -79,7 +84,13 @@ def combine_rewards(raw: dict[str, torch.Tensor], weights: dict[str, float], pro
     if mode == "raw":
         combined = sum(float(weights[n]) * r for n, r in kept.items())      # (L',) float64
         metrics.update(_stats("reward/combined", combined))
-        a = normalize_per_prompt(combined, ids, eps=eps, clip=clip, std=std)
+        if normalize is None:
+            a = normalize_per_prompt(combined, ids, eps=eps, clip=clip, std=std)
+        else:
+            a = normalize(combined, ids)
+            a = a.clamp(-clip, clip) if clip is not None else a
+    elif normalize is not None:
+        raise ValueError("a custom normalize needs mode='raw' (one combined reward per leaf)")
     else:
         a = sum(float(weights[n]) * normalize_per_prompt(r, ids, eps=eps, clip=None, std=std) for n, r in kept.items())
         if clip is not None:

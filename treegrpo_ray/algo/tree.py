@@ -10,11 +10,14 @@ window start p):
   all leaves, one call per decision, then an independent ODE tail per leaf), against G*T for G
   independent trajectories (Flow-GRPO / DanceGRPO);
 * window placement: "random" (uniform start each iteration, the paper's description) or
-  "sliding" (the authors' released code: start at 0 and shift forward by one step every
-  `shift_every` iterations, wrapping around after the last allowed start).
+  "sliding" (the authors' released code, and MixGRPO's progressive schedule: start at 0 and move
+  `stride` steps forward every `shift_every` iterations, back to 0 after the last allowed start);
+* the flat baselines' trained steps (`flat_train_count`, `flat_trained_steps`), as each peer's
+  trainer draws them: DanceGRPO, Flow-GRPO, or one subset per batch.
 
-Departures: the paper gives no wrap-around rule for the sliding window; we wrap modulo
-(max_start + 1) so a long run keeps cycling through all window positions.
+Departures: the paper gives no wrap-around rule for the sliding window; we go back to 0 as
+MixGRPO's `roll_back` does, so a long run keeps cycling through the window positions. MixGRPO
+shrinks the window near the end of the schedule; ours keeps d steps and stops at max_start.
 """
 from __future__ import annotations
 
@@ -113,12 +116,13 @@ def build_tree(num_steps: int, k: int, depth: int, window_start: int) -> TreeSha
 
 
 def choose_window(num_steps: int, depth: int, mode: str, *, generator: torch.Generator | None = None,
-                  iteration: int = 0, shift_every: int = 1, max_start: int | None = None) -> int:
+                  iteration: int = 0, shift_every: int = 1, max_start: int | None = None, stride: int = 1) -> int:
     """Start p of this iteration's SDE window, in [0, max_start] (default max_start = T - d).
 
     "random": uniform over [0, max_start], drawn from `generator` (required: no hidden global RNG).
-    "sliding": (iteration // shift_every) % (max_start + 1), i.e. the window starts at step 0
-    and moves one step forward every `shift_every` iterations, wrapping around.
+    "sliding": stride * ((iteration // shift_every) % (max_start // stride + 1)), i.e. the window
+    starts at step 0 and moves `stride` steps forward every `shift_every` iterations, back to 0
+    once the next start would pass max_start (MixGRPO: floor(i / tau) * s with roll_back).
     """
     if depth < 1 or depth > num_steps:
         raise ValueError(f"window depth must be in [1, num_steps={num_steps}], got {depth}")
@@ -131,11 +135,11 @@ def choose_window(num_steps: int, depth: int, mode: str, *, generator: torch.Gen
             raise ValueError("choose_window(mode='random') needs an explicit torch.Generator")
         return int(torch.randint(0, max_start + 1, (1,), generator=generator).item())
     if mode == "sliding":
-        if shift_every < 1:
-            raise ValueError(f"shift_every must be >= 1, got {shift_every}")
+        if shift_every < 1 or stride < 1:
+            raise ValueError(f"shift_every and stride must be >= 1, got {shift_every} and {stride}")
         if iteration < 0:
             raise ValueError(f"iteration must be >= 0, got {iteration}")
-        return (iteration // shift_every) % (max_start + 1)
+        return stride * ((iteration // shift_every) % (max_start // stride + 1))
     raise ValueError(f"unknown window mode {mode!r}; use 'random' or 'sliding'")
 
 
@@ -154,3 +158,44 @@ def count_nfe_flat(num_steps: int, group_size: int) -> int:
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     return group_size * num_steps
+
+
+FLAT_STEPS = ("dancegrpo", "flow_grpo", "batch")
+
+
+def flat_train_count(num_steps: int, train_fraction: float, style: str) -> int:
+    """Steps a flat trajectory trains, counted as each peer's trainer counts them:
+
+    "dancegrpo": int((T - 1) * f): DanceGRPO drops the last step before drawing;
+    "flow_grpo": int(T * f) leading steps (its SD3 presets' f = 0.99 leaves the last step out);
+    "batch":     max(1, round(T * f)) of all T steps (this project's first flat baseline).
+    """
+    if style not in FLAT_STEPS:
+        raise ValueError(f"flat steps style must be one of {FLAT_STEPS}, got {style!r}")
+    if num_steps < 1 or not 0 < train_fraction <= 1:
+        raise ValueError(f"need num_steps >= 1 and train_fraction in (0, 1], got {num_steps}, {train_fraction}")
+    if style == "dancegrpo":
+        return int((num_steps - 1) * train_fraction)
+    if style == "flow_grpo":
+        return int(num_steps * train_fraction)
+    return max(1, round(train_fraction * num_steps))
+
+
+def flat_trained_steps(num_steps: int, train_fraction: float, style: str, rows: int,
+                       generator: torch.Generator) -> torch.Tensor:
+    """(rows, n) step indices each flat trajectory trains, ascending in each row.
+
+    "dancegrpo": a random permutation of steps 0 .. T-2 per trajectory, its first n (DanceGRPO's
+        trainer draws one `randperm` per sample);
+    "flow_grpo": steps 0 .. n-1 for every trajectory (Flow-GRPO's `range(num_train_timesteps)`);
+    "batch":     one random subset of all T steps shared by the batch.
+    """
+    n = flat_train_count(num_steps, train_fraction, style)
+    if n < 1:
+        raise ValueError(f"{style}: train_fraction {train_fraction} of {num_steps} steps trains no step")
+    if style == "dancegrpo":
+        perms = [torch.randperm(num_steps - 1, generator=generator)[:n] for _ in range(rows)]
+        return torch.stack(perms).sort(dim=1).values
+    if style == "flow_grpo":
+        return torch.arange(n).expand(rows, n).clone()
+    return torch.randperm(num_steps, generator=generator)[:n].sort().values.expand(rows, n).clone()

@@ -80,8 +80,8 @@ class GRPOLearner:
                  kl_beta: float = 0.0, kl_form: str = "flow_grpo",
                  grad_clip: float = 1.0, minibatches: int = 1, epochs: int = 1, micro_batch: int = 0,
                  noise_level: float = 0.7, logprob_reduction: str = "mean", max_bad_updates: int = 3,
-                 explode_factor: float = 100.0, stale_correction: str = "decoupled", rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 explode_factor: float = 100.0, stale_correction: str = "decoupled", cfg_grad: str = "both",
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
         self.policy, self.module = policy, module
         self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
         # bf16/fp16 trainable weights train through float32 master copies (mixed precision): the
@@ -104,6 +104,9 @@ class GRPOLearner:
         if stale_correction not in ("decoupled", "none"):
             raise ValueError(f"stale_correction must be 'decoupled' or 'none', got {stale_correction!r}")
         self.stale_correction = stale_correction
+        if cfg_grad not in ("both", "cond"):
+            raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
+        self.cfg_grad = cfg_grad
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bad_in_a_row, self.skipped_total, self.version = 0, 0, 0
         self._norms: list[float] = []
@@ -221,7 +224,7 @@ class GRPOLearner:
         step = batch.step_index[rows]
         sigma, sigma_next = batch.sigmas[step].to(device), batch.sigmas[step + 1].to(device)  # (n,)
         prompts = [batch.prompts[j] for j in batch.decision_prompt[rows].tolist()]
-        out = self.policy.predict(latents, sigma, prompts, module=self.module)
+        out = self.policy.predict(latents, sigma, prompts, module=self.module, uncond_grad=self.cfg_grad == "both")
         new = self.policy.sde_step(latents, out, sigma, sigma_next, self.noise_level, prev_sample=children,
                                    reduction=self.reduction)
         return new, (latents, children, sigma, sigma_next, prompts)

@@ -135,12 +135,15 @@ class DiffusionPolicy:
         return self.family.schedule(num_steps, self.latent_shape)
 
     def predict(self, latents: torch.Tensor, sigmas, prompts: list[str], *, module: torch.nn.Module | None = None,
-                cfg_scale: float | None = None) -> torch.Tensor:
+                cfg_scale: float | None = None, uncond_grad: bool = True) -> torch.Tensor:
         """Guided denoiser output (B, C, h, w) float32 for latents (B, C, h, w) at schedule values sigmas (B,) or float.
 
         One denoiser call on 2B rows [uncond; cond] when the CFG scale is > 1, else on the B cond rows.
-        Gradients flow when called outside no_grad (the learner); `module` replaces the denoiser
-        (e.g. its DDP wrapper). Inside `reference()` the reference model is used by default.
+        Gradients flow when called outside no_grad (the learner): through both halves (ddpo-pytorch,
+        DanceGRPO's SD trainer, Flow-GRPO since mid-2025), or with `uncond_grad=False` through the
+        conditional half only (Flow-GRPO's July-2025 trainer detaches the unconditional output).
+        `module` replaces the denoiser (e.g. its DDP wrapper). Inside `reference()` the reference
+        model is used by default.
         """
         b = latents.shape[0]
         if len(prompts) != b:
@@ -158,6 +161,8 @@ class DiffusionPolicy:
         out = self.family.forward(net, x, s, cond)
         if g > 1:
             uncond, cond_out = out.chunk(2)
+            if not uncond_grad:
+                uncond = uncond.detach()
             return uncond + g * (cond_out - uncond)
         return out
 

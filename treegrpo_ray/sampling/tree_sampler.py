@@ -8,9 +8,10 @@ Implements the sampling side of TreeGRPO (arXiv 2512.08153, Sec. 3; DESIGN.md §
   Gaussian (the policy's `sde_step(n_children=k)`: flow SDE, or DDIM for SD1.5); then the ODE tail runs for all k**d deepest nodes.
   Transformer calls per tree: p + (k**d - 1)/(k - 1) + k**d (T - p - d) = `algo.tree.count_nfe`.
 * `flat` (DanceGRPO / Flow-GRPO): `group_size` independent trajectories per group, SDE on every
-  step, decisions (K = 1) recorded on round(train_fraction * T) steps drawn from the seed (the
-  same steps for the whole batch, as Flow-GRPO picks one timestep subset per batch).
-  `share_initial_noise` gives the trajectories of a group one x_T (DanceGRPO's option).
+  step, decisions (K = 1) recorded on the steps `flat_steps` picks (`algo.tree.flat_trained_steps`):
+  DanceGRPO's own random subset of steps 0..T-2 per trajectory, Flow-GRPO's leading steps, or
+  one random subset for the whole batch. `share_initial_noise` gives the trajectories of a group
+  one x_T (DanceGRPO's `--init_same_noise`).
 * `mix` (MixGRPO, arXiv 2507.21802): SDE only inside the window [p, p + d), ODE elsewhere,
   independent trajectories, decisions on the d window steps.
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from treegrpo_ray.algo.tree import build_tree, count_nfe
+from treegrpo_ray.algo.tree import FLAT_STEPS, build_tree, count_nfe, flat_trained_steps
 from treegrpo_ray.types import TreeBatch
 
 VARIANTS = ("tree", "flat", "mix")
@@ -42,20 +43,23 @@ class TreeSampler:
 
     num_steps T, k (tree branching), depth d (window length), noise_level eta; group_size:
     trajectories per group for flat/mix (>= 2; config's tree.leaves_per_tree resolves its default);
-    trees_per_prompt: trees (tree) or groups (flat/mix) per prompt; train_fraction: flat's
-    trained share of steps; max_batch: most nodes per denoiser call (None/0 = no limit).
+    trees_per_prompt: trees (tree) or groups (flat/mix) per prompt; train_fraction and flat_steps:
+    flat's trained share of steps and whose rule picks them; max_batch: most nodes per denoiser
+    call (None/0 = no limit).
     """
 
     def __init__(self, policy, *, variant: str = "tree", num_steps: int = 10, k: int = 3, depth: int = 3,
                  noise_level: float = 0.7, group_size: int = 0, trees_per_prompt: int = 1,
                  train_fraction: float = 0.6, share_initial_noise: bool = False, logprob_reduction: str = "mean",
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, flat_steps: str = "dancegrpo"):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if not 1 <= depth <= num_steps:
             raise ValueError(f"depth must be in [1, num_steps={num_steps}], got {depth}")
         if not 0 < train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        if flat_steps not in FLAT_STEPS:
+            raise ValueError(f"flat_steps must be one of {FLAT_STEPS}, got {flat_steps!r}")
         if variant != "tree" and group_size < 2:
             raise ValueError(f"flat/mix need group_size >= 2 trajectories per group, got {group_size}")
         if trees_per_prompt < 1:
@@ -66,6 +70,7 @@ class TreeSampler:
         self.group_size = group_size
         self.trees_per_prompt = trees_per_prompt
         self.train_fraction, self.share_initial_noise = train_fraction, share_initial_noise
+        self.flat_steps = flat_steps
         self.max_batch = max_batch or None
         self.sigmas = policy.sigmas(num_steps)  # (T+1,) float32 CPU
         self.nfe = 0  # transformer calls of the current `sample` (CFG pair = one)
@@ -163,22 +168,20 @@ class TreeSampler:
             tree_index=torch.arange(r).repeat_interleave(k ** shape.tree_depth))
 
     # ------------------------------------------------------------------ flat / mix
-    def _schedule(self, p: int, gen) -> tuple[set[int], list[int]]:
-        """(steps run as SDE, sorted steps recorded as decisions) for flat / mix."""
+    def _schedule(self, p: int, rows: int, gen) -> tuple[set[int], torch.Tensor]:
+        """(steps run as SDE, (rows, n) steps each trajectory records as decisions) for flat / mix."""
         t = self.num_steps
         if self.variant == "mix":
             build_tree(t, 2, self.depth, p)  # same window check as the tree
-            window = list(range(p, p + self.depth))
-            return set(window), window
-        n_train = max(1, round(self.train_fraction * t))
-        trained = sorted(torch.randperm(t, generator=gen)[:n_train].tolist())
-        return set(range(t)), trained
+            return set(range(p, p + self.depth)), torch.arange(p, p + self.depth).repeat(rows, 1)
+        return set(range(t)), flat_trained_steps(t, self.train_fraction, self.flat_steps, rows, gen)
 
     def _grow_chains(self, distinct, prompt_ids, p: int, gen) -> TreeBatch:
-        sde_steps, trained = self._schedule(p, gen)
         g = self.group_size
         group_prompt = prompt_ids.repeat_interleave(self.trees_per_prompt)  # (groups,)
         traj_prompt = group_prompt.repeat_interleave(g)                     # (R,)
+        sde_steps, trained = self._schedule(p, traj_prompt.shape[0], gen)   # trained (R, n)
+        recorded = sorted(set(trained.flatten().tolist()))                  # steps any trajectory trains
         names = [distinct[i] for i in traj_prompt.tolist()]
         if self.share_initial_noise:
             x = self._noise(group_prompt.shape[0], gen).repeat_interleave(g, dim=0)  # (R, C, H, W)
@@ -190,16 +193,22 @@ class TreeSampler:
                 x = self._ode(x, names, range(i, i + 1))
                 continue
             out = self._sde(x, names, i, 1, gen)
-            if i in trained:
+            if i in recorded:
                 lat.append(x)
                 kids.append(out.sample)     # (R, 1, C, H, W)
                 logps.append(out.log_prob)  # (R, 1)
             x = out.sample[:, 0]
-        return self._chain_batch(distinct, traj_prompt, trained, torch.stack(lat, 1), torch.stack(kids, 1),
-                                 torch.stack(logps, 1), x)
+        # each trajectory keeps its own trained steps out of the recorded ones
+        pos = torch.searchsorted(torch.tensor(recorded), trained)   # (R, n) index into `recorded`
+        rows = torch.arange(pos.shape[0])[:, None]                  # (R, 1); CPU indices work on any device
+
+        def pick(xs: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(xs, 1)[rows, pos]                    # (R, n, ...)
+        return self._chain_batch(distinct, traj_prompt, trained, pick(lat), pick(kids), pick(logps), x)
 
     def _chain_batch(self, distinct, traj_prompt, trained, lat, kids, logp, leaves) -> TreeBatch:
-        """lat (R, n, C, H, W), kids (R, n, 1, C, H, W), logp (R, n, 1), leaves (R, C, H, W)."""
+        """trained (R, n) step indices, lat (R, n, C, H, W), kids (R, n, 1, C, H, W), logp (R, n, 1),
+        leaves (R, C, H, W)."""
         r, n = logp.shape[:2]
         m = n + 1                                        # chain nodes per trajectory
         base = (torch.arange(r) * m)[:, None]            # (R, 1)
@@ -208,7 +217,7 @@ class TreeSampler:
         return TreeBatch(
             prompts=distinct, sigmas=self.sigmas.clone(),
             latents=lat.reshape(r * n, *lat.shape[2:]).cpu(),
-            step_index=torch.tensor(trained, dtype=torch.long).repeat(r),
+            step_index=trained.reshape(-1).long(),
             children=kids.reshape(r * n, 1, *kids.shape[3:]).cpu(),
             old_log_probs=logp.reshape(r * n, 1).cpu(),
             child_node=(base + 1 + torch.arange(n)[None]).reshape(r * n, 1),
