@@ -52,6 +52,12 @@ def parse_arm(text: str, common: list[str]) -> tuple[str, list[str]]:
 
 
 def report(rows: list[dict]) -> None:
+    for n in sorted({r["iterations"] for r in rows}):
+        print(f"{n} iterations:")
+        report_one([r for r in rows if r["iterations"] == n])
+
+
+def report_one(rows: list[dict]) -> None:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     by = {(r["arm"], r["seed"]): r for r in rows}
     gain = {key: (r["eval"][1] - r["eval"][0], r["held_out"][1] - r["held_out"][0]) for key, r in by.items()}

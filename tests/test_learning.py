@@ -33,6 +33,7 @@ def all_cores():
 
 
 @pytest.mark.learning
+@pytest.mark.integration  # ~7 min: CI runs it in the second tier, so the default tier stays near 20 min
 def test_default_run_raises_the_miniature_reward(tmp_path, all_cores):
     gains = []
     for seed in SEEDS:
