@@ -117,7 +117,7 @@ class ScalarPolicy(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.tensor(w, dtype=dtype))
         self.optimised = [self.w]
 
-    def predict(self, latents, sigmas, prompts, module=None):
+    def predict(self, latents, sigmas, prompts, module=None, uncond_grad=True):  # no CFG: uncond_grad moot
         return self.w * torch.ones_like(latents)
 
     def sde_step(self, x, out, s, s_next, noise_level, **kw):

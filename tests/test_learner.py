@@ -19,7 +19,7 @@ class ConstantVelocityPolicy(torch.nn.Module):
 
     poison = False  # when set, the forward returns NaN (a diverged model / bad kernel)
 
-    def predict(self, latents, sigmas, prompts, module=None):
+    def predict(self, latents, sigmas, prompts, module=None, uncond_grad=True):  # no CFG: uncond_grad moot
         v = (module or self).w * torch.ones_like(latents)
         return v * float("nan") if self.poison else v
 
