@@ -283,33 +283,7 @@ def validate(cfg: Config) -> Config:
     for key, allowed in _CHOICES.items():
         value = get_dotted(cfg, key)
         _check(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}", "pick one of those")
-    t, lr = cfg.tree, cfg.learner
-    _check(t.num_steps >= 2, "tree.num_steps", f"{t.num_steps} steps is too few", "use >= 2 (paper: 10)")
-    _check(t.depth >= 1, "tree.depth", f"window depth {t.depth} < 1", "use depth >= 1 (paper: 3)")
-    _check(t.depth <= t.num_steps, "tree.depth", f"window of {t.depth} steps does not fit in {t.num_steps} steps",
-           "lower tree.depth or raise tree.num_steps")
-    if t.variant == "tree":
-        _check(t.k >= 2, "tree.k", f"branching factor {t.k} < 2 grows no tree", "use k >= 2 (paper: 3)")
-        _check(t.k ** t.depth <= 4096, "tree.k", f"k**depth = {t.k ** t.depth} leaves per tree is too many",
-               "lower tree.k or tree.depth")
-    _check(t.max_window_start <= t.num_steps - t.depth, "tree.max_window_start",
-           f"window starting at {t.max_window_start} runs past the last step {t.num_steps - 1} with depth {t.depth}",
-           f"use at most num_steps - depth = {t.num_steps - t.depth}, or -1")
-    _check(t.max_window_start >= -1, "tree.max_window_start", "must be >= -1", "use -1 for 'num_steps - depth'")
-    _check(t.shift_every >= 1, "tree.shift_every", "must be >= 1", "use 1 to shift every iteration")
-    _check(t.window_stride >= 1, "tree.window_stride", "must be >= 1", "use 1 to move one step per shift")
-    _check(t.noise_level >= 0 and math.isfinite(t.noise_level), "tree.noise_level", "must be finite and >= 0",
-           "use e.g. 0.7")
-    _check(t.group_size >= 0, "tree.group_size", "must be >= 0", "use 0 for k**depth")
-    _check(0 < t.train_fraction <= 1, "tree.train_fraction", f"{t.train_fraction} is outside (0, 1]", "use e.g. 0.6")
-    _check(t.trees_per_prompt >= 1, "tree.trees_per_prompt", "must be >= 1", "use 1")
-    _check(t.max_batch >= 0, "tree.max_batch", "must be >= 0", "use 0 for no limit")
-    if t.variant != "tree":
-        _check(t.leaves_per_tree >= 2, "tree.group_size", "GRPO needs >= 2 trajectories per prompt", "use >= 2")
-    if t.variant == "flat":
-        _check(flat_train_count(t.num_steps, t.train_fraction, t.flat_steps) >= 1, "tree.train_fraction",
-               f"{t.train_fraction} of {t.num_steps} steps trains no step under flat_steps={t.flat_steps}",
-               "raise tree.train_fraction (DanceGRPO counts int((T-1)*f), Flow-GRPO int(T*f))")
+    _validate_tree(cfg)
     _check(cfg.model.true_cfg_scale >= 1 and math.isfinite(cfg.model.true_cfg_scale), "model.true_cfg_scale",
            f"{cfg.model.true_cfg_scale} is below 1", "use 1 (off) or e.g. 4 for FLUX true CFG")
     _check(cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution",
@@ -339,6 +313,36 @@ def validate(cfg: Config) -> Config:
            "use e.g. checkpoint.every=10, or 0 for only the last iteration")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", f"{cfg.checkpoint.keep} must be >= 1", "use e.g. checkpoint.keep=2")
     return cfg
+
+
+def _validate_tree(cfg: Config) -> None:
+    t = cfg.tree
+    _check(t.num_steps >= 2, "tree.num_steps", f"{t.num_steps} steps is too few", "use >= 2 (paper: 10)")
+    _check(t.depth >= 1, "tree.depth", f"window depth {t.depth} < 1", "use depth >= 1 (paper: 3)")
+    _check(t.depth <= t.num_steps, "tree.depth", f"window of {t.depth} steps does not fit in {t.num_steps} steps",
+           "lower tree.depth or raise tree.num_steps")
+    if t.variant == "tree":
+        _check(t.k >= 2, "tree.k", f"branching factor {t.k} < 2 grows no tree", "use k >= 2 (paper: 3)")
+        _check(t.k ** t.depth <= 4096, "tree.k", f"k**depth = {t.k ** t.depth} leaves per tree is too many",
+               "lower tree.k or tree.depth")
+    _check(t.max_window_start <= t.num_steps - t.depth, "tree.max_window_start",
+           f"window starting at {t.max_window_start} runs past the last step {t.num_steps - 1} with depth {t.depth}",
+           f"use at most num_steps - depth = {t.num_steps - t.depth}, or -1")
+    _check(t.max_window_start >= -1, "tree.max_window_start", "must be >= -1", "use -1 for 'num_steps - depth'")
+    _check(t.shift_every >= 1, "tree.shift_every", "must be >= 1", "use 1 to shift every iteration")
+    _check(t.window_stride >= 1, "tree.window_stride", "must be >= 1", "use 1 to move one step per shift")
+    _check(t.noise_level >= 0 and math.isfinite(t.noise_level), "tree.noise_level", "must be finite and >= 0",
+           "use e.g. 0.7")
+    _check(t.group_size >= 0, "tree.group_size", "must be >= 0", "use 0 for k**depth")
+    _check(0 < t.train_fraction <= 1, "tree.train_fraction", f"{t.train_fraction} is outside (0, 1]", "use e.g. 0.6")
+    _check(t.trees_per_prompt >= 1, "tree.trees_per_prompt", "must be >= 1", "use 1")
+    _check(t.max_batch >= 0, "tree.max_batch", "must be >= 0", "use 0 for no limit")
+    if t.variant != "tree":
+        _check(t.leaves_per_tree >= 2, "tree.group_size", "GRPO needs >= 2 trajectories per prompt", "use >= 2")
+    if t.variant == "flat":
+        _check(flat_train_count(t.num_steps, t.train_fraction, t.flat_steps) >= 1, "tree.train_fraction",
+               f"{t.train_fraction} of {t.num_steps} steps trains no step under flat_steps={t.flat_steps}",
+               "raise tree.train_fraction (DanceGRPO counts int((T-1)*f), Flow-GRPO int(T*f))")
 
 
 def _validate_outputs(cfg: Config) -> None:
