@@ -51,6 +51,14 @@ def parse_arm(text: str, common: list[str]) -> tuple[str, list[str]]:
     return name, common + [kv for kv in rest.split(",") if kv]
 
 
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+
+def _se(xs: list[float]) -> float:
+    return _sd(xs) / len(xs) ** 0.5
+
+
 def report(rows: list[dict]) -> None:
     for n in sorted({r["iterations"] for r in rows}):
         print(f"{n} iterations:")
@@ -67,14 +75,12 @@ def report_one(rows: list[dict]) -> None:
     for arm in arms:
         seeds = sorted(s for a, s in gain if a == arm)
         tr, ho = [gain[arm, s][0] for s in seeds], [gain[arm, s][1] for s in seeds]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan"))
         paired = [s for s in seeds if (base, s) in gain]
         dt = [gain[arm, s][0] - gain[base, s][0] for s in paired]
         dh = [gain[arm, s][1] - gain[base, s][1] for s in paired]
-        se = (lambda xs: sd(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
-        print(f"{arm:<14} {len(seeds):>5} {statistics.mean(tr):>+9.3f} ({sd(tr):.3f}) {statistics.mean(ho):>+11.3f} "
-              f"({sd(ho):.3f}) {min(ho):>+9.3f} {statistics.mean(dt):>+14.3f} +- {se(dt):.3f} "
-              f"{statistics.mean(dh):>+9.3f} +- {se(dh):.3f}")
+        print(f"{arm:<14} {len(seeds):>5} {statistics.mean(tr):>+9.3f} ({_sd(tr):.3f}) {statistics.mean(ho):>+11.3f} "
+              f"({_sd(ho):.3f}) {min(ho):>+9.3f} {statistics.mean(dt):>+14.3f} +- {_se(dt):.3f} "
+              f"{statistics.mean(dh):>+9.3f} +- {_se(dh):.3f}")
 
 
 def main(argv=None) -> None:

@@ -402,7 +402,8 @@ def _validate_learner(cfg: Config) -> None:
     for key in ("adv_buffer", "adv_min_count"):
         _check(getattr(lr, key) >= 1, f"learner.{key}", f"{getattr(lr, key)} must be >= 1", "use 16 (DDPO's default)")
     _check(lr.adv_min_count <= lr.adv_buffer, "learner.adv_min_count",
-           f"{lr.adv_min_count} is more than the {lr.adv_buffer} rewards a prompt keeps, so its own statistics are never used",
+           f"{lr.adv_min_count} is more than the {lr.adv_buffer} rewards a prompt keeps, so its own statistics "
+           "are never used",
            "use learner.adv_min_count <= learner.adv_buffer")
     _check(lr.adv_stats == "group" or cfg.rewards.aggregate == "raw", "learner.adv_stats",
            "running statistics are kept of one combined reward per leaf", "use rewards.aggregate=raw")
