@@ -101,7 +101,7 @@ BAD = [
     (["max_staleness=-1"], "max_staleness", "must be >= 0"),
     (["learner.kl_form=flowgrpo"], "learner.kl_form", "is not flow_grpo | exact"),
     (["model.kind=ddim", "learner.kl_beta=0.1"], "learner.kl_form", "a DDIM model has only the exact step KL"),
-    (["learner.stale_correction=ppo"], "learner.stale_correction", "is not decoupled | none"),
+    (["learner.stale_correction=ppo"], "learner.stale_correction", "is not recenter | decoupled | none"),
     (["eval_every=-1"], "eval_every", "must be >= 0"),
     (["eval_prompts=0"], "eval_prompts", "must be >= 1"),
     (["checkpoint.every=-1"], "checkpoint.every", "must be >= 0"),

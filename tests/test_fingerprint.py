@@ -1,6 +1,7 @@
 """Weights that prove they arrived: fingerprints by hand, a policy whose load binds nothing, a
 sampler actor pulling from the real WeightStore, and a learner whose step changes nothing."""
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_bf16_weights_train_through_float32_masters():
     learner.update(batch, torch.tensor([1.0, -1.0]))     # a step below bf16's resolution is not an error now
     assert policy.w.item() == 1.0 and learner.masters[0].item() != 1.0
     for i in range(1, 12):
-        learner.update(batch, torch.tensor([1.0, -1.0]), iteration=i)
+        learner.update(replace(batch, policy_version=i), torch.tensor([1.0, -1.0]), iteration=i)  # lag 0
     master = learner.masters[0].item()
     assert abs(master - 1.0) > 2 ** -8                    # past half a bf16 ulp: the bf16 weight must have moved
     assert policy.w.item() == torch.tensor(master).to(torch.bfloat16).item() != 1.0

@@ -1,6 +1,7 @@
 """GRPOLearner on a mock policy (one scalar parameter): the update raises the likelihood of
 positive-advantage children, and the guard never lets a non-finite update reach the weights."""
 import contextlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_nonfinite_update_is_skipped_then_stops():
     m = learner.update(batch, bad)
     assert m["learner/skipped"] == 1.0 and policy.w.item() == 0.0 and torch.isfinite(policy.w).all()
     with pytest.raises(TrainingDiverged, match="2 consecutive updates skipped"):
-        learner.update(batch, bad)
+        learner.update(replace(batch, policy_version=1), bad)  # a skipped update still counts a version
     assert policy.w.item() == 0.0
 
 
@@ -119,6 +120,7 @@ def test_state_roundtrip():
     twin = GRPOLearner(ConstantVelocityPolicy(policy.w.item()), lr=0.05, noise_level=0.7)
     twin.load_state(learner.state())
     assert twin.version == 1
+    batch = replace(batch, policy_version=1)  # as if grown by the weights both now hold
     learner.update(batch, torch.tensor([1.0, -1.0]), iteration=1)
     twin.update(batch, torch.tensor([1.0, -1.0]), iteration=1)
     assert twin.policy.w.item() == pytest.approx(policy.w.item(), abs=1e-7)
@@ -160,15 +162,67 @@ def test_without_correction_a_stale_tree_is_clipped_away():
         learner.update(stale, torch.tensor([1.0, -1.0]))
 
 
+def _with_means(batch, policy):
+    """The batch as a keep_means sampler returns it: each decision's Gaussian mean kept."""
+    with torch.no_grad():
+        v = policy.predict(batch.latents, None, None)
+        mean = flow_sde_step(batch.latents, v, batch.sigmas[1:2], batch.sigmas[2:3], 0.7).mean
+    return replace(batch, old_means=mean).validate()
+
+
+def test_recentred_stale_tree_trains_as_its_children_moved_on_policy():
+    """stale_correction=recenter, by hand: the update on a one-version-old tree equals an
+    on-policy update on the same tree with every child moved by mu_prox - mu_tree (same noise).
+    Advantages 1 and 0: siblings share the lag's score term (mu_tree - mu_theta) / s^2, so it
+    cancels when their advantages sum to 0 and shows when they do not (V(parent) != 0)."""
+    ADV = torch.tensor([1.0, 0.0])
+    policy, stale, learner = _stale_setup("recenter")
+    w0 = 0.0                                          # the weights that grew `stale`
+    stale = _with_means(stale, ConstantVelocityPolicy(w0))
+    w1 = policy.w.item()
+    # mean = x * a + v * b * delta with v = w: one lag moves it by (w1 - w0) * b * delta everywhere
+    sig, sig_next = stale.sigmas[1], stale.sigmas[2]
+    sigma_t = 0.7 * torch.sqrt(sig / (1 - sig))
+    delta = sig_next - sig
+    shift = (w1 - w0) * (1 + sigma_t ** 2 * (1 - sig) / (2 * sig)) * delta
+    std = sigma_t * torch.sqrt(-delta)
+    moved = stale.children + shift
+    with torch.no_grad():
+        logp = flow_sde_step(stale.latents, policy.predict(stale.latents, None, None), sig[None], sig_next[None], 0.7,
+                             prev_sample=moved).log_prob
+    torch.testing.assert_close(logp, stale.old_log_probs, atol=1e-6, rtol=0)  # same noise: same log-prob
+    twin_policy, _, twin = _stale_setup("none")
+    on_policy = replace(stale, children=moved, old_log_probs=logp, policy_version=1, old_means=torch.empty(0))
+
+    m = learner.update(stale, ADV)
+    t = twin.update(on_policy, ADV)
+    assert m["staleness/lag"] == 1.0 and t["staleness/lag"] == 0.0
+    assert m["loss/ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["loss/clip_frac"] == 0.0
+    assert m["staleness/shift_over_std"] == pytest.approx(abs(float(shift / std)), rel=1e-5)
+    assert policy.w.item() == pytest.approx(twin_policy.w.item(), abs=1e-7)
+    # and it is not what the decoupled correction does with the unmoved children: their score
+    # keeps the lag's term
+    _, dec_stale, dec = _stale_setup("decoupled")
+    d = dec.update(dec_stale, ADV)
+    assert m["learner/grad_norm"] == pytest.approx(t["learner/grad_norm"], rel=1e-5)
+    assert abs(d["learner/grad_norm"] - m["learner/grad_norm"]) > 0.1 * m["learner/grad_norm"]
+
+
+def test_recenter_without_the_samplers_means_is_refused():
+    _, stale, learner = _stale_setup("recenter")
+    with pytest.raises(ValueError, match="old_means"):
+        learner.update(stale, torch.tensor([1.0, -1.0]))
+
+
 def test_on_policy_update_is_the_same_with_or_without_correction():
     ws = []
-    for mode in ("decoupled", "none"):
+    for mode in ("recenter", "decoupled", "none"):
         policy = ConstantVelocityPolicy()
         learner = GRPOLearner(policy, lr=0.05, clip_eps=0.2, noise_level=0.7, grad_clip=0.0, stale_correction=mode)
         m = learner.update(one_decision_batch(policy, k=2), torch.tensor([1.0, -1.0]))
         assert m["staleness/lag"] == 0.0 and "staleness/is_weight_mean" not in m
         ws.append(policy.w.item())
-    assert ws[0] == ws[1]
+    assert ws[0] == ws[1] == ws[2]
 
 
 class AnchoredPolicy(ConstantVelocityPolicy):

@@ -40,12 +40,26 @@ def test_staleness_one_trains_on_one_version_old_trees_with_the_decoupled_object
     so from iteration 2 on the learner is one version ahead of its trees; at the authors' clip
     eps 1e-4 the decoupled objective still trains (the plain one would clip the whole update away)."""
     summary = run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=local", "iterations=3", "max_staleness=1",
-                            "learner.clip_eps=1e-4"))
+                            "learner.clip_eps=1e-4", "learner.stale_correction=decoupled"))
     lags = dict(metric_steps(summary, "staleness/lag"))
     assert lags == {1: 0.0, 2: 1.0, 3: 1.0}
     weights = dict(metric_steps(summary, "staleness/is_weight_mean"))
     assert sorted(weights) == [2, 3] and all(0.5 < w < 2.0 for w in weights.values())
     assert all(v == 0.0 for _, v in metric_steps(summary, "learner/skipped_updates"))
+
+
+def test_staleness_one_recentred_trains_from_ratio_one(tiny_sd3_dir, tmp_path):
+    """learner.stale_correction=recenter (the default) through the whole system: the samplers keep
+    their means, the learner moves each stale child onto its current mean (same noise), so one minibatch's
+    ratio starts at 1 and nothing is clipped at eps 1e-4; the shift it made is logged."""
+    summary = run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=local", "iterations=3", "max_staleness=1",
+                            "learner.clip_eps=1e-4"))  # recenter: the default correction
+    assert dict(metric_steps(summary, "staleness/lag")) == {1: 0.0, 2: 1.0, 3: 1.0}
+    moved = dict(metric_steps(summary, "staleness/shift_over_std"))
+    assert sorted(moved) == [2, 3] and all(0 < v < 1 for v in moved.values())
+    assert all(abs(v - 1) < 1e-4 for _, v in metric_steps(summary, "loss/ratio_mean"))
+    assert all(v == 0.0 for _, v in metric_steps(summary, "loss/clip_frac"))
+    assert metric_steps(summary, "staleness/is_weight_mean") == []
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 full fine-tune: the float32 masters resume too

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from treegrpo_ray.algo.advantages import edge_advantages
-from treegrpo_ray.algo.sde import flow_sde_step
+from treegrpo_ray.algo.sde import flow_sde_step, gaussian_log_prob
 from treegrpo_ray.algo.tree import count_nfe, count_nfe_flat
 from treegrpo_ray.models import DiffusionPolicy
 from treegrpo_ray.sampling import TreeSampler
-from treegrpo_ray.types import _TENSOR_FIELDS
+from treegrpo_ray.types import _TENSOR_FIELDS, merge_batches
 
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "a blue square"]
@@ -211,3 +211,28 @@ def test_the_drivers_info_merge_is_the_learners_batch_merge(policy, tree_batch):
     assert info.nbytes == tree_batch.nbytes + other.nbytes
     assert info.leaf_bytes == tree_batch.leaf_latents.nbytes + other.leaf_latents.nbytes
     assert infos[0].nbytes == sum(getattr(tree_batch, f).nbytes for f in _TENSOR_FIELDS)
+
+
+@pytest.mark.parametrize("variant", ["tree", "flat"])
+def test_kept_means_are_each_decisions_gaussian(policy, variant):
+    """keep_means (stale_correction=recenter): old_means[u] is the mean the children of u were
+    drawn around: re-scoring gives the same mean, and the children's log-probs under
+    N(old_means, s^2) are the stored ones. Without keep_means the field stays empty."""
+    kept = sampler(policy, variant, keep_means=True).sample(PROMPTS, window_start=P, seed=0)
+    plain = sampler(policy, variant).sample(PROMPTS, window_start=P, seed=0)
+    assert plain.old_means.numel() == 0 and kept.old_means.shape == kept.latents.shape
+    assert torch.equal(kept.children, plain.children)  # keeping the means draws nothing extra
+    again = rescore(policy, kept)
+    torch.testing.assert_close(kept.old_means, again.mean, atol=1e-5, rtol=0)
+    logp = gaussian_log_prob(kept.children, kept.old_means[:, None], again.std[:, None])
+    torch.testing.assert_close(logp, kept.old_log_probs, atol=1e-5, rtol=0)
+
+
+def test_old_means_survive_merge_and_mixing_is_refused(policy):
+    a = sampler(policy, "tree", keep_means=True).sample(PROMPTS[:1], window_start=P, seed=0)
+    b = sampler(policy, "tree", keep_means=True).sample(PROMPTS[1:], window_start=P, seed=1)
+    merged = merge_batches([a, b])
+    assert torch.equal(merged.old_means, torch.cat([a.old_means, b.old_means]))
+    c = sampler(policy, "tree").sample(PROMPTS[1:], window_start=P, seed=1)
+    with pytest.raises(ValueError, match="old_means"):
+        merge_batches([a, c])

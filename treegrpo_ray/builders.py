@@ -79,7 +79,8 @@ def build_sampler(cfg: Config, policy):
                        noise_level=t.noise_level, group_size=t.leaves_per_tree, trees_per_prompt=t.trees_per_prompt,
                        train_fraction=t.train_fraction, flat_steps=t.flat_steps,
                        share_initial_noise=t.share_initial_noise, logprob_reduction=t.logprob_reduction,
-                       max_batch=t.max_batch or None)
+                       max_batch=t.max_batch or None,
+                       keep_means=cfg.max_staleness >= 1 and cfg.learner.stale_correction == "recenter")
 
 
 def build_reward_model(cfg: Config, device: str | None = None):

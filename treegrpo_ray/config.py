@@ -150,7 +150,9 @@ class LearnerConfig:
                                        "enable_gradient_checkpointing): less learner memory, ~1 extra forward")
     resources: ResourcesConfig = doc(ResourcesConfig(num_cpus=2.0), "resources of each learner worker (num_cpus = "
                                      "its torch threads; 2 suits a laptop, where on-policy stages take turns)")
-    stale_correction: str = doc("decoupled", "trees older than the learner (max_staleness >= 1): decoupled (decoupled "
+    stale_correction: str = doc("recenter", "trees older than the learner (max_staleness >= 1): recenter (move each "
+                                "stale child by mu_prox - mu_tree, same noise, so it is the child the current weights "
+                                "would have drawn; the sampler keeps its means; BENCHMARKS §10) | decoupled (decoupled "
                                 "PPO: clip against the weights the update starts from, re-scored, and weight each edge "
                                 "by pi_prox / pi_tree) | none (clip against the tree's own log-probs)")
     cfg_grad: str = doc("both", "CFG in the learner's forward: both (gradient through the conditional and the "
@@ -397,8 +399,8 @@ def _validate_learner(cfg: Config) -> None:
     _check(lr.kl_form == "exact" or cfg.model.kind != "ddim" or lr.kl_beta == 0, "learner.kl_form",
            "flow_grpo is Flow-GRPO's flow-matching form; a DDIM model has only the exact step KL",
            "use learner.kl_form=exact")
-    _check(lr.stale_correction in ("decoupled", "none"), "learner.stale_correction",
-           f"{lr.stale_correction!r} is not decoupled | none", "use decoupled")
+    _check(lr.stale_correction in ("decoupled", "recenter", "none"), "learner.stale_correction",
+           f"{lr.stale_correction!r} is not recenter | decoupled | none", "use recenter")
     for key in ("adv_buffer", "adv_min_count"):
         _check(getattr(lr, key) >= 1, f"learner.{key}", f"{getattr(lr, key)} must be >= 1", "use 16 (DDPO's default)")
     _check(lr.adv_min_count <= lr.adv_buffer, "learner.adv_min_count",

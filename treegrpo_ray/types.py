@@ -43,6 +43,9 @@ class TreeBatch:
     leaf_node: torch.Tensor       # (L,) long, node each leaf grew from
     leaf_prompt: torch.Tensor     # (L,) long, index into `prompts`
     tree_index: torch.Tensor      # (L,) long, which tree/group (unique across a merged batch)
+    # the sampling Gaussian's mean of each decision, kept only for learner.stale_correction=recenter
+    # (a stale child's noise is (child - mean) / std); empty (0,) otherwise
+    old_means: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (N, C, H, W) float32 or (0,)
     # bookkeeping
     policy_version: int = 0       # version of the weights that grew this batch
     nfe: int = 0                  # transformer calls actually spent (CFG pair counts as one)
@@ -79,6 +82,9 @@ class TreeBatch:
                 raise ValueError(f"TreeBatch.{name} has indices outside [0, {hi})")
         if m and (int(self.parent.max()) >= m or int(self.parent.min()) < -1):
             raise ValueError("TreeBatch.parent has indices outside [-1, M)")
+        if self.old_means.numel() and tuple(self.old_means.shape) != tuple(self.latents.shape):
+            raise ValueError(f"TreeBatch.old_means must be empty or shaped like latents {tuple(self.latents.shape)}, "
+                             f"got {tuple(self.old_means.shape)}")
         if not torch.isfinite(self.old_log_probs).all():
             raise ValueError("TreeBatch.old_log_probs contains NaN/inf: the sampler produced a degenerate step")
         return self
@@ -120,7 +126,7 @@ class BatchInfo:
 
 
 _TENSOR_FIELDS = ("sigmas", "latents", "step_index", "children", "old_log_probs", "child_node", "decision_prompt",
-                  "parent", "node_log_prob", "leaf_latents", "leaf_node", "leaf_prompt", "tree_index")
+                  "parent", "node_log_prob", "leaf_latents", "leaf_node", "leaf_prompt", "tree_index", "old_means")
 
 
 def union_prompts(prompt_lists: list[list[str]]) -> tuple[list[str], list[torch.Tensor]]:
@@ -157,6 +163,9 @@ def merge_batches(batches: list[TreeBatch]) -> TreeBatch:
     if not batches:
         raise ValueError("merge_batches needs at least one TreeBatch")
     prompts, remaps = union_prompts([b.prompts for b in batches])
+    if len({bool(b.old_means.numel()) for b in batches if b.num_decisions}) > 1:
+        raise ValueError("merge_batches: some batches keep old_means and some do not (samplers built from "
+                         "different configs)")
     parts = {f: [] for f in _TENSOR_FIELDS if f != "sigmas"}
     node_off = tree_off = 0
     for b, remap in zip(batches, remaps):
@@ -174,9 +183,12 @@ def merge_batches(batches: list[TreeBatch]) -> TreeBatch:
         parts["leaf_node"].append(b.leaf_node + node_off)
         parts["leaf_prompt"].append(remap[b.leaf_prompt] if b.leaf_prompt.numel() else b.leaf_prompt)
         parts["tree_index"].append(b.tree_index + tree_off)
+        if b.old_means.numel():
+            parts["old_means"].append(b.old_means)
         node_off += b.parent.shape[0]
         tree_off += int(b.tree_index.max()) + 1 if b.tree_index.numel() else 0
-    merged = TreeBatch(prompts=prompts, sigmas=batches[0].sigmas, **{f: torch.cat(v) for f, v in parts.items()},
+    merged = TreeBatch(prompts=prompts, sigmas=batches[0].sigmas,
+                       **{f: torch.cat(v) if v else torch.empty(0) for f, v in parts.items()},
                        policy_version=min(b.policy_version for b in batches), nfe=sum(b.nfe for b in batches),
                        variant=batches[0].variant)
     return merged.validate()

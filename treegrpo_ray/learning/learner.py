@@ -13,7 +13,7 @@ check that an optimizer step changed the policy's live weights at all (fingerpri
 after: an optimizer bound to copies, or a learning rate below the weights' dtype resolution,
 stops the run instead of training nothing). Mixed precision: bf16/fp16 trainable weights are
 stepped through float32 masters (saved in state()); trees older than the learner (max_staleness
->= 1) use decoupled PPO (`stale_correction`, algo.loss.grpo_clip_loss's weights).
+>= 1) use decoupled PPO or are re-centred on the current means (`stale_correction`).
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ from treegrpo_ray.algo.loss import flow_grpo_kl, grpo_clip_loss, kl_to_reference
 from treegrpo_ray.algo.seeds import iteration_seed
 from treegrpo_ray.models.fingerprint import differing, digest, fingerprint
 from treegrpo_ray.types import TreeBatch
+
+
+STALE_CORRECTIONS = ("recenter", "decoupled", "none")
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,7 +83,7 @@ class GRPOLearner:
                  kl_beta: float = 0.0, kl_form: str = "flow_grpo",
                  grad_clip: float = 1.0, minibatches: int = 1, epochs: int = 1, micro_batch: int = 0,
                  noise_level: float = 0.7, logprob_reduction: str = "mean", max_bad_updates: int = 3,
-                 explode_factor: float = 100.0, stale_correction: str = "decoupled", cfg_grad: str = "both",
+                 explode_factor: float = 100.0, stale_correction: str = "recenter", cfg_grad: str = "both",
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         self.policy, self.module = policy, module
         self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
@@ -101,8 +104,8 @@ class GRPOLearner:
         self.grad_clip, self.minibatches, self.epochs, self.micro_batch = grad_clip, minibatches, epochs, micro_batch
         self.noise_level, self.reduction = noise_level, logprob_reduction
         self.max_bad_updates, self.explode_factor = max_bad_updates, explode_factor
-        if stale_correction not in ("decoupled", "none"):
-            raise ValueError(f"stale_correction must be 'decoupled' or 'none', got {stale_correction!r}")
+        if stale_correction not in STALE_CORRECTIONS:
+            raise ValueError(f"stale_correction must be one of {STALE_CORRECTIONS}, got {stale_correction!r}")
         self.stale_correction = stale_correction
         if cfg_grad not in ("both", "cond"):
             raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
@@ -130,11 +133,14 @@ class GRPOLearner:
         order = [torch.randperm(n, generator=gen) for _ in range(self.epochs)]  # same on every rank (same seed)
         mine = [o[self.rank::self.world_size] for o in order]
         used = torch.cat(mine).unique()  # every edge this worker trains on, over all epochs
-        prox = self._proximal_log_probs(batch, used, device) if lag > 0 and self.stale_correction == "decoupled" \
-            else None
+        prox = shift = None
+        if lag > 0 and self.stale_correction == "decoupled":
+            prox = self._proximal_log_probs(batch, used, device)
+        elif lag > 0 and self.stale_correction == "recenter":
+            shift, moved = self._recenter_shift(batch, used, device)
         for rows_of_epoch in mine:
             for rows in rows_of_epoch.chunk(self.minibatches):
-                metrics.append(self._step(batch, adv, rows, device, prox))
+                metrics.append(self._step(batch, adv, rows, device, prox, shift))
         after = fingerprint(self.policy.live_state())
         if self.masters is None:
             self._check_changed(before, after, metrics, bool(adv.abs().sum() > 0))
@@ -151,6 +157,8 @@ class GRPOLearner:
         if prox is not None:
             w = self._weights(batch, prox, used)
             out["staleness/is_weight_mean"], out["staleness/is_weight_max"] = float(w.mean()), float(w.max())
+        if shift is not None:  # how far the means moved over the lag, in units of each step's noise std
+            out["staleness/shift_over_std"] = moved
         return out
 
     def _master_state(self) -> dict[str, torch.Tensor]:
@@ -170,6 +178,30 @@ class GRPOLearner:
             with torch.no_grad():
                 prox[chunk] = self._rescore(batch, chunk, device)[0].log_prob.float().cpu()
         return prox
+
+    def _recenter_shift(self, batch: TreeBatch, rows: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+        """stale_correction=recenter: mu_prox - mu_tree per decision (N, C, H, W; NaN outside `rows`),
+        and its mean RMS over `rows` in units of each decision's std s.
+
+        A stale child is c = mu_tree + s*eps. The learner trains on c' = c + (mu_prox - mu_tree) =
+        mu_prox + s*eps instead: the child the weights the update starts from would have drawn with
+        the same noise, under which its log-prob is the tree's own (s does not depend on the weights).
+        The clip is then against the tree's log-probs with ratio 1 at the start, as on-policy, and
+        the score no longer carries the lag's (mu_tree - mu_theta) / s^2 term, which the decoupled
+        weights (pi_prox / pi_tree near 1 for per-element-mean log-probs) leave in. What remains
+        is the reward of c standing in for that of c': second order in the shift."""
+        if not batch.old_means.numel():
+            raise ValueError("stale_correction=recenter needs the sampler's means (TreeBatch.old_means); the "
+                             "samplers were built without keep_means (builders.build_sampler sets it when "
+                             "max_staleness >= 1 and learner.stale_correction=recenter)")
+        shift = torch.full_like(batch.latents, float("nan"), dtype=torch.float32)
+        moved = []
+        for chunk in rows.split(self.micro_batch) if self.micro_batch else (rows,):
+            with torch.no_grad():
+                new, _ = self._rescore(batch, chunk, device)
+                shift[chunk] = new.mean.float().cpu() - batch.old_means[chunk].float()
+                moved.append(shift[chunk].pow(2).mean((1, 2, 3)).sqrt() / new.std.float().cpu().reshape(-1))
+        return shift, float(torch.cat(moved).mean())
 
     @staticmethod
     def _weights(batch: TreeBatch, prox: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -199,7 +231,7 @@ class GRPOLearner:
         return self.params[0].device if self.params else torch.device("cpu")
 
     def _step(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device,
-              prox: torch.Tensor | None = None) -> dict[str, float]:
+              prox: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         if self.masters is not None:
             for p in self.params:
@@ -210,17 +242,20 @@ class GRPOLearner:
             sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(self.module, "no_sync") \
                 else self.module.no_sync()
             with sync:
-                loss, m = self._loss(batch, adv, chunk, device, prox)
+                loss, m = self._loss(batch, adv, chunk, device, prox, shift)
                 (loss * chunk.numel() / rows.numel()).backward()
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v * chunk.numel() / rows.numel()
         totals.update(self._apply_gradients())
         return totals
 
-    def _rescore(self, batch: TreeBatch, rows: torch.Tensor, device):
-        """The stored children of decisions `rows` scored under the current weights: (SDEStep, inputs)."""
+    def _rescore(self, batch: TreeBatch, rows: torch.Tensor, device, shift: torch.Tensor | None = None):
+        """The stored children of decisions `rows` scored under the current weights: (SDEStep, inputs).
+        shift (N, C, H, W): moved by shift[rows] first (stale_correction=recenter)."""
         latents = batch.latents[rows].to(device)                      # (n, C, H, W)
         children = batch.children[rows].to(device)                    # (n, K, C, H, W)
+        if shift is not None:
+            children = children + shift[rows].to(device=device, dtype=children.dtype)[:, None]
         step = batch.step_index[rows]
         sigma, sigma_next = batch.sigmas[step].to(device), batch.sigmas[step + 1].to(device)  # (n,)
         prompts = [batch.prompts[j] for j in batch.decision_prompt[rows].tolist()]
@@ -229,9 +264,10 @@ class GRPOLearner:
                                    reduction=self.reduction)
         return new, (latents, children, sigma, sigma_next, prompts)
 
-    def _loss(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device, prox: torch.Tensor | None = None):
-        new, (latents, children, sigma, sigma_next, prompts) = self._rescore(batch, rows, device)
-        if prox is None:   # on-policy (or correction off): clip against the behaviour policy
+    def _loss(self, batch: TreeBatch, adv: torch.Tensor, rows: torch.Tensor, device, prox: torch.Tensor | None = None,
+              shift: torch.Tensor | None = None):
+        new, (latents, children, sigma, sigma_next, prompts) = self._rescore(batch, rows, device, shift)
+        if prox is None:   # on-policy, correction off, or recentred children: clip against the tree's log-probs
             loss, metrics = grpo_clip_loss(new.log_prob, batch.old_log_probs[rows].to(device), adv[rows].to(device),
                                            self.clip_eps)
         else:              # stale trees: clip against the proximal policy, weight by pi_prox / pi_behaviour

@@ -51,7 +51,7 @@ class TreeSampler:
     def __init__(self, policy, *, variant: str = "tree", num_steps: int = 10, k: int = 3, depth: int = 3,
                  noise_level: float = 0.7, group_size: int = 0, trees_per_prompt: int = 1,
                  train_fraction: float = 0.6, share_initial_noise: bool = False, logprob_reduction: str = "mean",
-                 max_batch: int | None = None, flat_steps: str = "dancegrpo"):
+                 max_batch: int | None = None, flat_steps: str = "dancegrpo", keep_means: bool = False):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if not 1 <= depth <= num_steps:
@@ -72,6 +72,7 @@ class TreeSampler:
         self.train_fraction, self.share_initial_noise = train_fraction, share_initial_noise
         self.flat_steps = flat_steps
         self.max_batch = max_batch or None
+        self.keep_means = keep_means  # record each decision's Gaussian mean (TreeBatch.old_means)
         self.sigmas = policy.sigmas(num_steps)  # (T+1,) float32 CPU
         self.nfe = 0  # transformer calls of the current `sample` (CFG pair = one)
 
@@ -127,7 +128,7 @@ class TreeSampler:
         names = [distinct[i] for i in root_prompt.tolist()]
         x = self._ode(self._noise(r, gen), names, range(p))  # (R, C, H, W) shared prefix
         level = x[:, None]                                    # (R, 1, C, H, W)
-        lat, kids, logps = [], [], []
+        lat, kids, logps, means = [], [], [], []
         for j in range(d):
             n = k ** j
             flat = level.reshape(r * n, *x.shape[1:])        # (R*n, C, H, W), tree-major
@@ -135,14 +136,16 @@ class TreeSampler:
             lat.append(flat.view(r, n, *x.shape[1:]))
             kids.append(out.sample.view(r, n, k, *x.shape[1:]))
             logps.append(out.log_prob.view(r, n, k))
+            means.append(out.mean.view(r, n, *x.shape[1:]))
             level = out.sample.view(r, n * k, *x.shape[1:])  # children in breadth-first order
         leaves = self._ode(level.reshape(r * k ** d, *x.shape[1:]), [s for s in names for _ in range(k ** d)],
                            range(p + d, t))
         expected = r * count_nfe(t, k, d, p)
         if self.nfe != expected:
             raise RuntimeError(f"tree sampler spent {self.nfe} transformer calls, count_nfe says {expected}")
-        return self._tree_batch(shape, distinct, root_prompt, torch.cat(lat, 1), torch.cat(kids, 1),
-                                torch.cat(logps, 1), leaves)
+        batch = self._tree_batch(shape, distinct, root_prompt, torch.cat(lat, 1), torch.cat(kids, 1),
+                                 torch.cat(logps, 1), leaves)
+        return self._with_means(batch, torch.cat(means, 1))
 
     def _tree_batch(self, shape, distinct, root_prompt, lat, kids, logp, leaves) -> TreeBatch:
         """lat (R, D, C, H, W), kids (R, D, k, C, H, W), logp (R, D, k), leaves (R*k**d, C, H, W)."""
@@ -187,7 +190,7 @@ class TreeSampler:
             x = self._noise(group_prompt.shape[0], gen).repeat_interleave(g, dim=0)  # (R, C, H, W)
         else:
             x = self._noise(traj_prompt.shape[0], gen)
-        lat, kids, logps = [], [], []
+        lat, kids, logps, means = [], [], [], []
         for i in range(self.num_steps):
             if i not in sde_steps:
                 x = self._ode(x, names, range(i, i + 1))
@@ -197,6 +200,7 @@ class TreeSampler:
                 lat.append(x)
                 kids.append(out.sample)     # (R, 1, C, H, W)
                 logps.append(out.log_prob)  # (R, 1)
+                means.append(out.mean)      # (R, C, H, W)
             x = out.sample[:, 0]
         # each trajectory keeps its own trained steps out of the recorded ones
         pos = torch.searchsorted(torch.tensor(recorded), trained)   # (R, n) index into `recorded`
@@ -204,7 +208,14 @@ class TreeSampler:
 
         def pick(xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.stack(xs, 1)[rows, pos]                    # (R, n, ...)
-        return self._chain_batch(distinct, traj_prompt, trained, pick(lat), pick(kids), pick(logps), x)
+        batch = self._chain_batch(distinct, traj_prompt, trained, pick(lat), pick(kids), pick(logps), x)
+        return self._with_means(batch, pick(means))
+
+    def _with_means(self, batch: TreeBatch, means: torch.Tensor) -> TreeBatch:
+        """means (R, n, C, H, W), in the decisions' order: kept on the batch if `keep_means`."""
+        if self.keep_means:
+            batch.old_means = means.reshape(-1, *means.shape[2:]).float().cpu()
+        return batch
 
     def _chain_batch(self, distinct, traj_prompt, trained, lat, kids, logp, leaves) -> TreeBatch:
         """trained (R, n) step indices, lat (R, n, C, H, W), kids (R, n, 1, C, H, W), logp (R, n, 1),
