@@ -174,10 +174,15 @@ class GRPOLearner:
         """Decoupled PPO's proximal log-probs: this worker's edges re-scored, without gradient, under
         the weights the update starts from. (N, K), filled at `rows` (NaN elsewhere)."""
         prox = torch.full_like(batch.old_log_probs, float("nan"))
+        for chunk, new in self._rescored_chunks(batch, rows, device):
+            prox[chunk] = new.log_prob.float().cpu()
+        return prox
+
+    def _rescored_chunks(self, batch: TreeBatch, rows: torch.Tensor, device):
+        """(chunk, SDEStep) of `rows` under the current weights, no gradient, micro_batch at a time."""
         for chunk in rows.split(self.micro_batch) if self.micro_batch else (rows,):
             with torch.no_grad():
-                prox[chunk] = self._rescore(batch, chunk, device)[0].log_prob.float().cpu()
-        return prox
+                yield chunk, self._rescore(batch, chunk, device)[0]
 
     def _recenter_shift(self, batch: TreeBatch, rows: torch.Tensor, device) -> tuple[torch.Tensor, float]:
         """stale_correction=recenter: mu_prox - mu_tree per decision (N, C, H, W; NaN outside `rows`),
@@ -196,11 +201,9 @@ class GRPOLearner:
                              "max_staleness >= 1 and learner.stale_correction=recenter)")
         shift = torch.full_like(batch.latents, float("nan"), dtype=torch.float32)
         moved = []
-        for chunk in rows.split(self.micro_batch) if self.micro_batch else (rows,):
-            with torch.no_grad():
-                new, _ = self._rescore(batch, chunk, device)
-                shift[chunk] = new.mean.float().cpu() - batch.old_means[chunk].float()
-                moved.append(shift[chunk].pow(2).mean((1, 2, 3)).sqrt() / new.std.float().cpu().reshape(-1))
+        for chunk, new in self._rescored_chunks(batch, rows, device):
+            shift[chunk] = new.mean.float().cpu() - batch.old_means[chunk].float()
+            moved.append(shift[chunk].pow(2).mean((1, 2, 3)).sqrt() / new.std.float().cpu().reshape(-1))
         return shift, float(torch.cat(moved).mean())
 
     @staticmethod
