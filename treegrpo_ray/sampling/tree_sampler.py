@@ -136,7 +136,8 @@ class TreeSampler:
             lat.append(flat.view(r, n, *x.shape[1:]))
             kids.append(out.sample.view(r, n, k, *x.shape[1:]))
             logps.append(out.log_prob.view(r, n, k))
-            means.append(out.mean.view(r, n, *x.shape[1:]))
+            if self.keep_means:
+                means.append(out.mean.view(r, n, *x.shape[1:]))
             level = out.sample.view(r, n * k, *x.shape[1:])  # children in breadth-first order
         leaves = self._ode(level.reshape(r * k ** d, *x.shape[1:]), [s for s in names for _ in range(k ** d)],
                            range(p + d, t))
@@ -145,7 +146,7 @@ class TreeSampler:
             raise RuntimeError(f"tree sampler spent {self.nfe} transformer calls, count_nfe says {expected}")
         batch = self._tree_batch(shape, distinct, root_prompt, torch.cat(lat, 1), torch.cat(kids, 1),
                                  torch.cat(logps, 1), leaves)
-        return self._with_means(batch, torch.cat(means, 1))
+        return self._with_means(batch, torch.cat(means, 1) if means else None)
 
     def _tree_batch(self, shape, distinct, root_prompt, lat, kids, logp, leaves) -> TreeBatch:
         """lat (R, D, C, H, W), kids (R, D, k, C, H, W), logp (R, D, k), leaves (R*k**d, C, H, W)."""
@@ -200,7 +201,8 @@ class TreeSampler:
                 lat.append(x)
                 kids.append(out.sample)     # (R, 1, C, H, W)
                 logps.append(out.log_prob)  # (R, 1)
-                means.append(out.mean)      # (R, C, H, W)
+                if self.keep_means:
+                    means.append(out.mean)  # (R, C, H, W)
             x = out.sample[:, 0]
         # each trajectory keeps its own trained steps out of the recorded ones
         pos = torch.searchsorted(torch.tensor(recorded), trained)   # (R, n) index into `recorded`
@@ -209,11 +211,12 @@ class TreeSampler:
         def pick(xs: list[torch.Tensor]) -> torch.Tensor:
             return torch.stack(xs, 1)[rows, pos]                    # (R, n, ...)
         batch = self._chain_batch(distinct, traj_prompt, trained, pick(lat), pick(kids), pick(logps), x)
-        return self._with_means(batch, pick(means))
+        return self._with_means(batch, pick(means) if means else None)
 
-    def _with_means(self, batch: TreeBatch, means: torch.Tensor) -> TreeBatch:
-        """means (R, n, C, H, W), in the decisions' order: kept on the batch if `keep_means`."""
-        if self.keep_means:
+    @staticmethod
+    def _with_means(batch: TreeBatch, means: torch.Tensor | None) -> TreeBatch:
+        """means (R, n, C, H, W) in the decisions' order (only recorded with `keep_means`)."""
+        if means is not None:
             batch.old_means = means.reshape(-1, *means.shape[2:]).float().cpu()
         return batch
 
