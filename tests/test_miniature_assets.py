@@ -92,3 +92,18 @@ def test_reward_resizes_larger_images(reward):
     img = world.render(prompt)[None]                           # (1, 3, 32, 32)
     big = torch.nn.functional.interpolate(img, scale_factor=2, mode="nearest")  # (1, 3, 64, 64)
     assert reward(big, [prompt]).item() == pytest.approx(reward(img, [prompt]).item(), abs=0.05)
+
+
+def test_probe_starts_from_the_build_evaluation_and_moves_the_model():
+    """tools/miniature/probe.py at step 0 scores the held-out prompts exactly as the build's own
+    evaluation did (same pipeline call, seed and images: MODEL_CARD.md's base-model row), and two
+    fine-tuning steps change what it samples."""
+    from tools.miniature.probe import probe
+
+    with open(os.path.join(ASSETS_DIR, "build.json")) as f:
+        built = json.load(f)["evaluation"]["held_out"]["base_model"]["reward_mean"]
+    rows = probe(ASSETS_DIR, checkpoints=[0, 2], lr=1e-3)
+    assert [r["step"] for r in rows] == [0, 2]
+    assert rows[0]["held_out"] == pytest.approx(built, abs=1e-5)
+    assert abs(rows[1]["held_out"] - rows[0]["held_out"]) > 1e-4
+    assert all(0 <= r[k] <= 1 for r in rows for k in ("train16", "held_out"))

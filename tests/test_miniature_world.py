@@ -112,3 +112,34 @@ def test_demo_prompts_are_a_fixed_subset_of_the_training_split():
     assert len(demo) == len(set(demo)) == world.DEMO_COUNT
     assert set(demo) <= set(train) and not set(demo) & set(held)
     assert world.demo_prompts() == demo  # independent of any global RNG state
+
+
+def test_flawed_renders_by_hand():
+    """build.py's --flow-defect flaws, checked against the world's own renders."""
+    from tools.miniature.build import check_defect, flawed_renders
+
+    prompts = world.all_prompts()[:2]
+    index = torch.tensor([0, 1, 1])
+
+    def renders(scenes, scale=1.0):  # one generator, in order, as render_pool draws them
+        gen = torch.Generator().manual_seed(5)
+        return torch.stack([world.render(s, gen, scale) for s in scenes])
+
+    scenes = [world.parse_prompt(prompts[i]) for i in index.tolist()]
+    clean = renders(scenes)
+    draw = torch.rand(3, generator=torch.Generator().manual_seed(12)).tolist()  # the flaws' draws: seed + 7
+    # swap:0.3 mirrors exactly the images whose draw is below 0.3 (row 1 of 3), with the same jitter
+    mirrored = [world.SceneSpec(s.right, s.left) if d < 0.3 else s for s, d in zip(scenes, draw)]
+    assert [m != s for m, s in zip(mirrored, scenes)] == [False, True, False]
+    assert torch.equal(flawed_renders(prompts, index, "swap:0.3", seed=5), renders(mirrored))
+    # fade:0.5: background + f (image - background), f = 0.5 + 0.5 draw
+    bg = BG.view(1, 3, 1, 1)
+    f = (0.5 + 0.5 * torch.tensor(draw)).view(3, 1, 1, 1)
+    torch.testing.assert_close(flawed_renders(prompts, index, "fade:0.5", seed=5), bg + f * (clean - bg))
+    # shrink:0.5 draws less ink than the clean render
+    ink = (flawed_renders(prompts, index, "shrink:0.5", seed=5) - bg).abs().amax(1).sum((1, 2))
+    assert (ink < (clean - bg).abs().amax(1).sum((1, 2))).all()
+    check_defect("none")
+    for bad in ("swap:0.5", "fade:1", "blur:0.3", "shrink"):
+        with pytest.raises(ValueError, match="--flow-defect"):
+            check_defect(bad)

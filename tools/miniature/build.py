@@ -10,6 +10,9 @@ Stages (each deterministic given --seed; wall time depends on the CPU):
      whether it judges unseen combinations).
   4. Flow model: SD3 transformer trained with rectified flow on VAE latents of the training
      prompts, conditioning from the pipeline's own `encode_prompt`, 10 % empty-prompt dropout.
+     --flow-defect gives the flow model's training images a flaw the reward model's never have
+     (issue 15's attempts at a prompt-general weakness, `flawed_renders`); the default, none,
+     builds the shipped miniature.
   5. Save pipeline/ (StableDiffusion3Pipeline.save_pretrained) and reward/, evaluate data vs
      base-model samples on held-out and train prompts, write MODEL_CARD.md and build.json.
 """
@@ -48,8 +51,46 @@ def conditioning(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return embeds.float(), pooled.float()  # (P+1, S, D), (P+1, Dp)
 
 
+def flawed_renders(prompts: list[str], index: torch.Tensor, defect: str, seed: int) -> torch.Tensor:
+    """`render_pool`'s images (same jitter draws) with a flaw, drawn per image with generator seed + 7:
+
+    fade:A    colours pulled toward the background by a factor from U(A, 1) (`world.fade`-like:
+              background + f·(image − background));
+    shrink:A  both objects drawn at radius × U(A, 1);
+    swap:P    with probability P the two objects on the wrong sides, the caption unchanged.
+    """
+    kind, _, value = defect.partition(":")
+    amount = float(value)
+    draw = torch.rand(len(index), generator=torch.Generator().manual_seed(seed + 7)).tolist()  # (N,)
+    scenes = [world.parse_prompt(prompts[i]) for i in index.tolist()]
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "swap":
+        scenes = [world.SceneSpec(s.right, s.left) if d < amount else s for s, d in zip(scenes, draw)]
+    scales = [amount + (1 - amount) * d if kind == "shrink" else 1.0 for d in draw]
+    images = torch.stack([world.render(s, gen, scale) for s, scale in zip(scenes, scales)])  # (N, 3, 32, 32)
+    if kind == "fade":
+        bg = torch.tensor(world.BACKGROUND).view(1, 3, 1, 1)
+        images = bg + (amount + (1 - amount) * torch.tensor(draw)).view(-1, 1, 1, 1) * (images - bg)
+    return images
+
+
+def check_defect(defect: str) -> None:
+    """Raise ValueError unless `defect` is none, fade:A or shrink:A with 0 < A < 1, or swap:P with 0 < P < 0.5."""
+    kind, _, value = defect.partition(":")
+    if defect == "none":
+        return
+    limit = {"fade": 1.0, "shrink": 1.0, "swap": 0.5}.get(kind)
+    try:
+        ok = limit is not None and 0 < float(value) < limit
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"--flow-defect {defect!r}: use none, fade:A or shrink:A (0 < A < 1, the smallest factor), "
+                         "or swap:P (0 < P < 0.5, the probability)")
+
+
 def build(out: str, *, seed: int, vae_steps: int, reward_steps: int, flow_steps: int,
-          per_prompt: int, threads: int) -> dict:
+          per_prompt: int, threads: int, flow_defect: str = "none") -> dict:
     t0 = time.time()
     metrics: dict[str, float] = {}
     train_prompts, held_out = world.split_prompts()
@@ -81,6 +122,8 @@ def build(out: str, *, seed: int, vae_steps: int, reward_steps: int, flow_steps:
     transformer = components.build_transformer()
     pipe = components.assemble_pipeline(transformer, vae, text_encoders, (tokenizer, tokenizer, t5_tokenizer))
     embeds, pooled = conditioning(pipe, train_prompts)
+    if flow_defect != "none":
+        raw = encode_latents(vae, flawed_renders(train_prompts, index, flow_defect, seed + 3))
     latents = (raw - vae.config.shift_factor) * vae.config.scaling_factor
     metrics.update(train_flow(transformer, latents, index, embeds, pooled, len(train_prompts),
                               steps=flow_steps, seed=seed + 8))
@@ -95,7 +138,7 @@ def build(out: str, *, seed: int, vae_steps: int, reward_steps: int, flow_steps:
               "vae": sum(p.numel() for p in vae.parameters()),
               "text_encoders": sum(p.numel() for m in text_encoders for p in m.parameters()),
               "reward": sum(p.numel() for p in clip.parameters())}
-    report = {"seed": seed, "threads": threads,
+    report = {"seed": seed, "threads": threads, "flow_defect": flow_defect,
               "steps": {"vae": vae_steps, "reward": reward_steps, "flow": flow_steps},
               "per_prompt": per_prompt, "params": params, "metrics": metrics, "evaluation": evaluation}
     with open(os.path.join(out, "build.json"), "w") as f:
@@ -113,12 +156,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward-steps", type=int, default=500, help="reward-model steps of batch 128")
     parser.add_argument("--flow-steps", type=int, default=700, help="flow-model steps of batch 64")
     parser.add_argument("--per-prompt", type=int, default=32, help="jittered renders per training prompt")
+    parser.add_argument("--flow-defect", default="none",
+                        help="none | fade:A | shrink:A | swap:P: a flaw in the flow model's training images "
+                             "(flawed_renders; none = the shipped miniature)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 beats 2 on a CPU shared with other jobs)")
     args = parser.parse_args(argv)
+    try:
+        check_defect(args.flow_defect)
+    except ValueError as e:
+        parser.error(str(e))
     torch.set_num_threads(args.threads)
     report = build(args.out, seed=args.seed, vae_steps=args.vae_steps, reward_steps=args.reward_steps,
-                   flow_steps=args.flow_steps, per_prompt=args.per_prompt, threads=args.threads)
+                   flow_steps=args.flow_steps, per_prompt=args.per_prompt, threads=args.threads,
+                   flow_defect=args.flow_defect)
     print(json.dumps(report, indent=2))
 
 

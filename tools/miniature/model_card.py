@@ -22,6 +22,7 @@ def _row(name: str, m: dict) -> str:
 def write_model_card(out: str, report: dict) -> str:
     m, ev, p = report["metrics"], report["evaluation"], report["params"]
     steps = report["steps"]
+    defect = report.get("flow_defect", "none")  # tools.miniature.build.flawed_renders
     lines = [
         "# Miniature world: tiny SD3 pipeline + open_clip reward",
         "",
@@ -32,7 +33,8 @@ def write_model_card(out: str, report: dict) -> str:
         "```",
         f"python -m tools.miniature.build --out treegrpo_ray/assets/miniature --seed {report['seed']} "
         f"--vae-steps {steps['vae']} --reward-steps {steps['reward']} --flow-steps {steps['flow']} "
-        f"--per-prompt {report['per_prompt']} --threads {report['threads']}",
+        f"--per-prompt {report['per_prompt']} --threads {report['threads']}"
+        + (f" --flow-defect {defect}" if defect != "none" else ""),
         "```",
         "",
         f"Training took {m['build/train_minutes']:.1f} min (VAE {m['vae/seconds'] / 60:.1f}, reward "
@@ -51,7 +53,8 @@ def write_model_card(out: str, report: dict) -> str:
         f"- transformer: SD3Transformer2DModel, {p['transformer'] / 1e6:.2f} M params, 6 layers, "
         "inner dim 96, "
         "patch 2 on a 16x16x4 latent; rectified-flow loss, sigma ~ U(0,1), 10 % empty-prompt dropout, "
-        f"{steps['flow']} AdamW steps of 64, lr 1e-3 cosine; final loss {m['flow/loss']:.3f}.",
+        f"{steps['flow']} AdamW steps of 64, lr 1e-3 cosine; final loss {m['flow/loss']:.3f}"
+        + (f"; its training images carry the flaw `{defect}` (`flawed_renders`)." if defect != "none" else "."),
         f"- vae: AutoencoderKL 32x32x3 -> 16x16x4, {p['vae'] / 1e6:.2f} M params, no quant convs; "
         f"shift_factor {m['vae/shift_factor']:.4f}, scaling_factor {m['vae/scaling_factor']:.4f} "
         f"(from data); reconstruction MSE {m['vae/mse']:.5f}.",

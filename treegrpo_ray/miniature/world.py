@@ -142,11 +142,12 @@ def _uniform(generator: torch.Generator | None, low: float, high: float) -> floa
     return low + (high - low) * torch.rand((), generator=generator).item()
 
 
-def render(scene: SceneSpec | str, generator: torch.Generator | None = None) -> torch.Tensor:
+def render(scene: SceneSpec | str, generator: torch.Generator | None = None, scale: float = 1.0) -> torch.Tensor:
     """Draw one scene. Returns (3, 32, 32) float32 in [0, 1].
 
     With `generator` the object centres move by up to ±2 px and radii by ±1 px (drawn in a fixed
     order, so the same generator state gives the same image); without it the scene is canonical.
+    `scale` multiplies both radii (tools/miniature/build.py's `--flow-defect shrink:`).
     """
     if isinstance(scene, str):
         scene = parse_prompt(scene)
@@ -155,7 +156,7 @@ def render(scene: SceneSpec | str, generator: torch.Generator | None = None) -> 
     for side, obj in (("left", scene.left), ("right", scene.right)):
         cx = _uniform(generator, CENTRE_X[side] - JITTER_XY, CENTRE_X[side] + JITTER_XY)
         cy = _uniform(generator, CENTRE_Y - JITTER_XY, CENTRE_Y + JITTER_XY)
-        r = _uniform(generator, RADIUS - JITTER_RADIUS, RADIUS + JITTER_RADIUS)
+        r = scale * _uniform(generator, RADIUS - JITTER_RADIUS, RADIUS + JITTER_RADIUS)
         mask = _shape_mask(obj.shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE, r * SUPERSAMPLE, size)
         colour = torch.tensor(COLOURS[obj.colour], dtype=torch.float32).view(3, 1, 1)
         canvas = torch.where(mask, colour, canvas)  # (3, size, size)
