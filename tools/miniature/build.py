@@ -54,8 +54,8 @@ def conditioning(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 def flawed_renders(prompts: list[str], index: torch.Tensor, defect: str, seed: int) -> torch.Tensor:
     """`render_pool`'s images (same jitter draws) with a flaw, drawn per image with generator seed + 7:
 
-    fade:A    colours pulled toward the background by a factor from U(A, 1) (`world.fade`-like:
-              background + f·(image − background));
+    fade:A    colours pulled toward the background by a factor f from U(A, 1):
+              background + f·(image − background);
     shrink:A  both objects drawn at radius × U(A, 1);
     swap:P    with probability P the two objects on the wrong sides, the caption unchanged.
     """
