@@ -20,7 +20,7 @@ import os
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from tools.miniature.build import conditioning
+from tools.miniature.build import conditioning, render_pool
 from tools.miniature.evaluate import sample_images
 from tools.miniature.train_flow import flow_matching_loss
 from tools.miniature.train_vae import encode_latents
@@ -40,8 +40,7 @@ def probe(assets: str, *, checkpoints: list[int], lr: float, pool: str = "demo",
     reward = MiniatureReward.from_dir(os.path.join(assets, "reward"))
     demo, held_out = world.demo_prompts(), world.split_prompts()[1]
     train = demo if pool == "demo" else world.split_prompts()[0]
-    index = torch.arange(len(train)).repeat_interleave(32)  # (N,)
-    images = world.render_batch([train[i] for i in index.tolist()], torch.Generator().manual_seed(seed))
+    images, index = render_pool(train, 32, seed)
     vae = pipe.vae
     latents = (encode_latents(vae, images) - vae.config.shift_factor) * vae.config.scaling_factor
     embeds, pooled = conditioning(pipe, train)  # row len(train) is the empty prompt
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", default=ASSETS_DIR)
     parser.add_argument("--pool", default="demo", choices=["demo", "train"],
                         help="fine-tune on the 16 demo prompts or on all 120 training prompts")
-    parser.add_argument("--steps", type=int, nargs="+", default=[0, 25, 50, 100])
+    parser.add_argument("--steps", type=int, nargs="+", default=[0, 50, 100, 200])
     parser.add_argument("--lr", type=float, default=1e-4, help="the RL default's learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
