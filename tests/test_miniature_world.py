@@ -139,7 +139,15 @@ def test_flawed_renders_by_hand():
     # shrink:0.5 draws less ink than the clean render
     ink = (flawed_renders(prompts, index, "shrink:0.5", seed=5) - bg).abs().amax(1).sum((1, 2))
     assert (ink < (clean - bg).abs().amax(1).sum((1, 2))).all()
+    # recolour:0.3 draws the yellow objects of row 1 (draw below 0.3) green, nothing else
+    yellow = [p for p in world.all_prompts() if p.split()[1] == "yellow" and p.split()[8] != "yellow"][:2]
+    scenes = [world.parse_prompt(yellow[i]) for i in index.tolist()]
+    green = [world.SceneSpec(world.ObjectSpec("green", s.left.shape), s.right) for s in scenes]
+    expected = renders([green[i] if i == 1 else s for i, s in enumerate(scenes)])
+    recoloured = flawed_renders(yellow, index, "recolour:0.3", seed=5)
+    assert torch.equal(recoloured, expected) and not torch.equal(recoloured, renders(scenes))
     check_defect("none")
-    for bad in ("swap:0.5", "fade:1", "blur:0.3", "shrink"):
+    check_defect("recolour:0.9")
+    for bad in ("swap:0.5", "fade:1", "blur:0.3", "shrink", "recolour:1"):
         with pytest.raises(ValueError, match="--flow-defect"):
             check_defect(bad)

@@ -7,7 +7,7 @@ import torch
 
 from treegrpo_ray.checkpoint import list_checkpoints, load_checkpoint
 from treegrpo_ray.config import load_config
-from treegrpo_ray.driver import run
+from treegrpo_ray.driver import progress_line, run
 
 
 def smoke_cfg(tiny_sd3_dir, tmp_path, *extra):
@@ -60,6 +60,13 @@ def test_staleness_one_recentred_trains_from_ratio_one(tiny_sd3_dir, tmp_path):
     assert all(abs(v - 1) < 1e-4 for _, v in metric_steps(summary, "loss/ratio_mean"))
     assert all(v == 0.0 for _, v in metric_steps(summary, "loss/clip_frac"))
     assert metric_steps(summary, "staleness/is_weight_mean") == []
+
+
+def test_progress_line_shows_the_stale_shift():
+    """The user sees how far one version of lag moved the means (what decides staleness 1's cost)."""
+    m = {"reward/combined": 0.5, "staleness/max_lag": 1.0, "staleness/shift_over_std": 0.0834}
+    assert "| lag 1 (shift 0.083 std)" in progress_line(1, 30, m)
+    assert progress_line(1, 30, {"staleness/max_lag": 0.0}).endswith("| lag 0")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 full fine-tune: the float32 masters resume too

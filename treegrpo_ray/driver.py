@@ -138,6 +138,8 @@ def progress_line(it: int, total: int, m: dict[str, float], left_s: float | None
     return (f"iter {it + 1:>4}/{total} | reward {m.get('reward/combined', float('nan')):.3f} |{ev} "
             f"loss {m.get('loss/total', float('nan')):+.1e} | clip {m.get('loss/clip_frac', 0):.2f} | "
             f"nfe {int(m.get('perf/nfe', 0))} | {m.get('time/iter_s', 0):.2f} s/it | lag {int(m.get('staleness/max_lag', 0))}"
+            # how far the lag moved the step means, in noise stds: keep it near 0.05 or below (BENCHMARKS.md §10)
+            + (f" (shift {m['staleness/shift_over_std']:.3f} std)" if "staleness/shift_over_std" in m else "")
             + (f" | dropped {int(m['reward/dropped_trees'])} trees" if m.get("reward/dropped_trees") else "")
             + (f" | eta {eta(left_s)}" if left_s is not None else ""))
 

@@ -57,7 +57,9 @@ def flawed_renders(prompts: list[str], index: torch.Tensor, defect: str, seed: i
     fade:A    colours pulled toward the background by a factor f from U(A, 1):
               background + f·(image − background);
     shrink:A  both objects drawn at radius × U(A, 1);
-    swap:P    with probability P the two objects on the wrong sides, the caption unchanged.
+    swap:P    with probability P the two objects on the wrong sides, the caption unchanged;
+    recolour:P  with probability P every yellow object drawn green (RECOLOUR), the caption
+              unchanged: a flaw tied to one word, in every prompt that names it.
     """
     kind, _, value = defect.partition(":")
     amount = float(value)
@@ -66,6 +68,9 @@ def flawed_renders(prompts: list[str], index: torch.Tensor, defect: str, seed: i
     gen = torch.Generator().manual_seed(seed)
     if kind == "swap":
         scenes = [world.SceneSpec(s.right, s.left) if d < amount else s for s, d in zip(scenes, draw)]
+    if kind == "recolour":
+        scenes = [world.SceneSpec(_recolour(s.left), _recolour(s.right)) if d < amount else s
+                  for s, d in zip(scenes, draw)]
     scales = [amount + (1 - amount) * d if kind == "shrink" else 1.0 for d in draw]
     images = torch.stack([world.render(s, gen, scale) for s, scale in zip(scenes, scales)])  # (N, 3, 32, 32)
     if kind == "fade":
@@ -74,19 +79,27 @@ def flawed_renders(prompts: list[str], index: torch.Tensor, defect: str, seed: i
     return images
 
 
+RECOLOUR = ("yellow", "green")  # recolour:P draws the first as the second
+
+
+def _recolour(obj: world.ObjectSpec) -> world.ObjectSpec:
+    return world.ObjectSpec(RECOLOUR[1], obj.shape) if obj.colour == RECOLOUR[0] else obj
+
+
 def check_defect(defect: str) -> None:
-    """Raise ValueError unless `defect` is none, fade:A or shrink:A with 0 < A < 1, or swap:P with 0 < P < 0.5."""
+    """Raise ValueError unless `defect` is none, fade:A or shrink:A with 0 < A < 1, swap:P with
+    0 < P < 0.5, or recolour:P with 0 < P < 1."""
     kind, _, value = defect.partition(":")
     if defect == "none":
         return
-    limit = {"fade": 1.0, "shrink": 1.0, "swap": 0.5}.get(kind)
+    limit = {"fade": 1.0, "shrink": 1.0, "swap": 0.5, "recolour": 1.0}.get(kind)
     try:
         ok = limit is not None and 0 < float(value) < limit
     except ValueError:
         ok = False
     if not ok:
         raise ValueError(f"--flow-defect {defect!r}: use none, fade:A or shrink:A (0 < A < 1, the smallest factor), "
-                         "or swap:P (0 < P < 0.5, the probability)")
+                         "swap:P (0 < P < 0.5, the probability) or recolour:P (0 < P < 1)")
 
 
 def build(out: str, *, seed: int, vae_steps: int, reward_steps: int, flow_steps: int,
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flow-steps", type=int, default=700, help="flow-model steps of batch 64")
     parser.add_argument("--per-prompt", type=int, default=32, help="jittered renders per training prompt")
     parser.add_argument("--flow-defect", default="none",
-                        help="none | fade:A | shrink:A | swap:P: a flaw in the flow model's training images "
+                        help="none | fade:A | shrink:A | swap:P | recolour:P: a flaw in the flow model's training images "
                              "(flawed_renders; none = the shipped miniature)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 beats 2 on a CPU shared with other jobs)")
