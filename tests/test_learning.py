@@ -1,52 +1,58 @@
-"""The default run learns: TreeGRPO raises the miniature reward, over several seeds, by a margin
-larger than the seeds' own spread.
+"""The default run learns, and what it learns carries to prompts it never trains on: TreeGRPO
+raises the miniature reward on the training prompts and on the held-out ones, over several seeds,
+by margins larger than the seeds' own spread.
 
 This runs the embedded default (shipped miniature pipeline and reward, default hyperparameters)
 through the real driver in-process (`mode=local`; Ray mode is bit-identical, test_system.py)
-for ITERATIONS iterations with three training seeds. Evaluation is the driver's own: ODE
-samples at the fixed eval seed, 16 training prompts x 4 images, so all seeds start from the same
-number and differ only by what they learned.
+for ITERATIONS iterations (the default run's length) with three training seeds, each in its own
+process with one torch thread (three processes on two cores finish sooner than one process with
+two threads running them in turn; the figures equal `bench/bench_learning.py`'s, which runs the
+same way). Evaluation is the driver's own: ODE samples at the fixed eval seed on the 16 training
+prompts x 4 images and on the 24 held-out prompts x 4 images, so all seeds start from the same
+numbers and differ only by what they learned.
 """
 import io
-import os
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-import torch
 
 from treegrpo_ray.config import load_config
-from treegrpo_ray.driver import run
 
-ITERATIONS = 16
 SEEDS = (0, 1, 2)
-MARGIN = 0.04  # mean eval-reward gain the default must show after ITERATIONS iterations
+ITERATIONS = load_config(None, []).iterations
+TRAIN_MARGIN = 0.08     # mean training-prompt gain the default must show (measured: see README "Learning")
+HELD_OUT_MARGIN = 0.03  # mean held-out gain, every seed above 0 (issue 15's goal is +0.05; see README)
 
 
-@pytest.fixture
-def all_cores():
-    """Other test modules pin torch to 1 thread at import; this one trains for minutes, as the
-    default run does with 2 threads per stage."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(os.cpu_count() or 1, 4))
-    yield
-    torch.set_num_threads(before)
+def train_one_seed(seed: int, output_dir: str) -> tuple[float, float, float, float]:
+    import torch
+
+    from treegrpo_ray.driver import run
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["mode=local", f"seed={seed}", f"eval_every={ITERATIONS}", "eval_images_per_prompt=4",
+                             "checkpoint.every=0", "tracking.progress=false", "tracking.sample_grid_every=0",
+                             f"tracking.output_dir={output_dir}", f"tracking.run_name=seed{seed}"])
+    s = run(cfg, out=io.StringIO())
+    return s["eval_rewards"][0], s["eval_rewards"][-1], s["eval_held_out_rewards"][0], s["eval_held_out_rewards"][-1]
+
+
+def _check(name: str, gains: list[float], margin: float) -> None:
+    mean, sd = statistics.mean(gains), statistics.stdev(gains)
+    print(f"{name}: gains {', '.join(f'{g:+.3f}' for g in gains)}; mean {mean:+.3f}, sd over seeds {sd:.3f}")
+    assert min(gains) > 0, f"{name}: a seed lost reward: gains {gains}"
+    assert mean > margin, f"{name}: mean gain {mean:.3f} below the stated margin {margin}: gains {gains}"
+    assert mean > 2 * sd / len(gains) ** 0.5, f"{name}: mean gain {mean:.3f} within 2 standard errors of 0: gains {gains}"
 
 
 @pytest.mark.learning
-@pytest.mark.integration  # ~7 min: CI runs it in the second tier, so the default tier stays near 20 min
-def test_default_run_raises_the_miniature_reward(tmp_path, all_cores):
-    gains = []
-    for seed in SEEDS:
-        cfg = load_config(None, ["mode=local", f"seed={seed}", f"iterations={ITERATIONS}", f"eval_every={ITERATIONS}", "eval_images_per_prompt=4",
-                                 "checkpoint.every=0", "tracking.progress=false", "tracking.sample_grid_every=0",
-                                 f"tracking.output_dir={tmp_path}", f"tracking.run_name=seed{seed}"])
-        summary = run(cfg, out=io.StringIO())
-        first, last = summary["eval_rewards"][0], summary["eval_rewards"][-1]
-        gains.append(last - first)
-        print(f"seed {seed}: eval reward {first:.3f} -> {last:.3f} ({last - first:+.3f}); held-out "
-              f"{summary['eval_held_out_rewards'][0]:.3f} -> {summary['eval_held_out_rewards'][-1]:.3f}")
-    mean, sd = statistics.mean(gains), statistics.stdev(gains)
-    print(f"gain mean {mean:+.3f}, sd over seeds {sd:.3f}")
-    assert min(gains) > 0, f"a seed lost reward: gains {gains}"
-    assert mean > MARGIN, f"mean gain {mean:.3f} below the stated margin {MARGIN}: gains {gains}"
-    assert mean > 2 * sd / len(gains) ** 0.5, f"mean gain {mean:.3f} within 2 standard errors of 0: gains {gains}"
+@pytest.mark.integration  # ~10-20 min: CI runs it in the second tier, so the default tier stays near 20 min
+def test_default_run_learns_and_generalises(tmp_path):
+    with ProcessPoolExecutor(len(SEEDS), mp_context=multiprocessing.get_context("spawn")) as pool:
+        runs = list(pool.map(train_one_seed, SEEDS, [str(tmp_path)] * len(SEEDS)))
+    for seed, (t0, t1, h0, h1) in zip(SEEDS, runs):
+        print(f"seed {seed}: eval reward {t0:.3f} -> {t1:.3f} ({t1 - t0:+.3f}); held-out {h0:.3f} -> {h1:.3f} ({h1 - h0:+.3f})")
+    _check("training prompts", [t1 - t0 for t0, t1, _, _ in runs], TRAIN_MARGIN)
+    _check("held-out prompts", [h1 - h0 for _, _, h0, h1 in runs], HELD_OUT_MARGIN)

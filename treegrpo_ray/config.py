@@ -118,7 +118,7 @@ class RewardsConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    lr: float = doc(1e-4, "AdamW learning rate")
+    lr: float = doc(5e-5, "AdamW learning rate (the miniature default; GPU configs set their own)")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: tuple[float, ...] = doc((0.9, 0.999), "AdamW betas")
     clip_eps: float = doc(0.2, "PPO/GRPO ratio clip epsilon (authors' SD3.5 code: 1e-4)")
@@ -187,11 +187,11 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class Config:
     seed: int = doc(0, "seed for noise, windows and init; same seed -> same run")
-    iterations: int = doc(30, "training iterations (sample -> score -> update)")
+    iterations: int = doc(48, "training iterations (sample -> score -> update)")
     prompts: str = doc("miniature", "'miniature' (16 fixed prompts of the world's training split), 'miniature-all' "
                        "(all 120) or a text file, one prompt per line")
     prompts_per_iteration: int = doc(8, "prompts per iteration, split evenly over samplers")
-    eval_every: int = doc(10, "evaluate every N iterations (ODE, fixed seed) on training prompts and, for the "
+    eval_every: int = doc(12, "evaluate every N iterations (ODE, fixed seed) on training prompts and, for the "
                           "miniature, its held-out prompts; 0 = never")
     eval_prompts: int = doc(16, "training prompts per evaluation (the first N)")
     eval_images_per_prompt: int = doc(2, "ODE samples per prompt per evaluation (each from its own noise)")

@@ -11,8 +11,9 @@ Stages (each deterministic given --seed; wall time depends on the CPU):
   4. Flow model: SD3 transformer trained with rectified flow on VAE latents of the training
      prompts, conditioning from the pipeline's own `encode_prompt`, 10 % empty-prompt dropout.
      --flow-defect gives the flow model's training images a flaw the reward model's never have
-     (issue 15's attempts at a prompt-general weakness, `flawed_renders`); the default, none,
-     builds the shipped miniature.
+     (issue 15: a prompt-general weakness for RL to fix, `flawed_renders`); the default,
+     recolour:0.5 (half the yellow objects drawn green), builds the shipped miniature; none
+     builds one without a flaw (the miniature shipped until 2026-12-06).
   5. Save pipeline/ (StableDiffusion3Pipeline.save_pretrained) and reward/, evaluate data vs
      base-model samples on held-out and train prompts, write MODEL_CARD.md and build.json.
 """
@@ -80,6 +81,7 @@ def flawed_renders(prompts: list[str], index: torch.Tensor, defect: str, seed: i
 
 
 RECOLOUR = ("yellow", "green")  # recolour:P draws the first as the second
+SHIPPED_DEFECT = "recolour:0.5"  # the flaw of treegrpo_ray/assets/miniature (MODEL_CARD.md says why)
 
 
 def _recolour(obj: world.ObjectSpec) -> world.ObjectSpec:
@@ -103,7 +105,7 @@ def check_defect(defect: str) -> None:
 
 
 def build(out: str, *, seed: int, vae_steps: int, reward_steps: int, flow_steps: int,
-          per_prompt: int, threads: int, flow_defect: str = "none") -> dict:
+          per_prompt: int, threads: int, flow_defect: str = SHIPPED_DEFECT) -> dict:
     t0 = time.time()
     metrics: dict[str, float] = {}
     train_prompts, held_out = world.split_prompts()
@@ -169,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reward-steps", type=int, default=500, help="reward-model steps of batch 128")
     parser.add_argument("--flow-steps", type=int, default=700, help="flow-model steps of batch 64")
     parser.add_argument("--per-prompt", type=int, default=32, help="jittered renders per training prompt")
-    parser.add_argument("--flow-defect", default="none",
+    parser.add_argument("--flow-defect", default=SHIPPED_DEFECT,
                         help="none | fade:A | shrink:A | swap:P | recolour:P: a flaw in the flow model's training images "
-                             "(flawed_renders; none = the shipped miniature)")
+                             f"(flawed_renders; the default, {SHIPPED_DEFECT}, builds the shipped miniature; none: no flaw)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 beats 2 on a CPU shared with other jobs)")
     args = parser.parse_args(argv)

@@ -19,6 +19,15 @@ def _row(name: str, m: dict) -> str:
             f"| {m['shape_acc']:.3f} |")
 
 
+FLAW_WHY = {
+    "recolour": "in that fraction of its training images every yellow object is drawn green, the caption "
+                "unchanged, so the base model draws yellow as green in unseen prompts too (colour accuracy "
+                "below) and RL on the training prompts has a prompt-general error to fix; without it the "
+                "base model's held-out errors are binding errors that no training on seen combinations "
+                "fixes (issue 15, BENCHMARKS.md §12).",
+}
+
+
 def write_model_card(out: str, report: dict) -> str:
     m, ev, p = report["metrics"], report["evaluation"], report["params"]
     steps = report["steps"]
@@ -55,6 +64,7 @@ def write_model_card(out: str, report: dict) -> str:
         "patch 2 on a 16x16x4 latent; rectified-flow loss, sigma ~ U(0,1), 10 % empty-prompt dropout, "
         f"{steps['flow']} AdamW steps of 64, lr 1e-3 cosine; final loss {m['flow/loss']:.3f}"
         + (f"; its training images carry the flaw `{defect}` (`flawed_renders`)." if defect != "none" else "."),
+        *([f"  The flaw is deliberate: {FLAW_WHY.get(defect.partition(':')[0], '')}"] if defect != "none" else []),
         f"- vae: AutoencoderKL 32x32x3 -> 16x16x4, {p['vae'] / 1e6:.2f} M params, no quant convs; "
         f"shift_factor {m['vae/shift_factor']:.4f}, scaling_factor {m['vae/scaling_factor']:.4f} "
         f"(from data); reconstruction MSE {m['vae/mse']:.5f}.",
