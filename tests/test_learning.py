@@ -51,7 +51,8 @@ def _check(name: str, gains: list[float], margin: float) -> None:
 @pytest.mark.integration  # ~10-20 min: CI runs it in the second tier, so the default tier stays near 20 min
 def test_default_run_learns_and_generalises(tmp_path):
     with ProcessPoolExecutor(len(SEEDS), mp_context=multiprocessing.get_context("spawn")) as pool:
-        runs = list(pool.map(train_one_seed, SEEDS, [str(tmp_path)] * len(SEEDS)))
+        # one output folder per seed: three runs creating one MLflow sqlite store at once race on its schema
+        runs = list(pool.map(train_one_seed, SEEDS, [str(tmp_path / f"seed{seed}") for seed in SEEDS]))
     for seed, (t0, t1, h0, h1) in zip(SEEDS, runs):
         print(f"seed {seed}: eval reward {t0:.3f} -> {t1:.3f} ({t1 - t0:+.3f}); held-out {h0:.3f} -> {h1:.3f} ({h1 - h0:+.3f})")
     _check("training prompts", [t1 - t0 for t0, t1, _, _ in runs], TRAIN_MARGIN)
