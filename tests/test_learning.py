@@ -6,37 +6,24 @@ This runs the embedded default (shipped miniature pipeline and reward, default h
 through the real driver in-process (`mode=local`; Ray mode is bit-identical, test_system.py)
 for ITERATIONS iterations (the default run's length) with three training seeds, each in its own
 process with one torch thread (three processes on two cores finish sooner than one process with
-two threads running them in turn; the figures equal `bench/bench_learning.py`'s, which runs the
-same way). Evaluation is the driver's own: ODE samples at the fixed eval seed on the 16 training
+two threads running them in turn) through `bench/bench_learning.py`'s `one_run`, so its figures
+are that benchmark's. Evaluation is the driver's own: ODE samples at the fixed eval seed on the 16 training
 prompts x 4 images and on the 24 held-out prompts x 4 images, so all seeds start from the same
 numbers and differ only by what they learned.
 """
-import io
 import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
+from bench.bench_learning import one_run
 from treegrpo_ray.config import load_config
 
 SEEDS = (0, 1, 2)
 ITERATIONS = load_config(None, []).iterations
 TRAIN_MARGIN = 0.08     # mean training-prompt gain the default must show (measured: see README "Learning")
 HELD_OUT_MARGIN = 0.03  # mean held-out gain, every seed above 0 (issue 15's goal is +0.05; see README)
-
-
-def train_one_seed(seed: int, output_dir: str) -> tuple[float, float, float, float]:
-    import torch
-
-    from treegrpo_ray.driver import run
-
-    torch.set_num_threads(1)
-    cfg = load_config(None, ["mode=local", f"seed={seed}", f"eval_every={ITERATIONS}", "eval_images_per_prompt=4",
-                             "checkpoint.every=0", "tracking.progress=false", "tracking.sample_grid_every=0",
-                             f"tracking.output_dir={output_dir}", f"tracking.run_name=seed{seed}"])
-    s = run(cfg, out=io.StringIO())
-    return s["eval_rewards"][0], s["eval_rewards"][-1], s["eval_held_out_rewards"][0], s["eval_held_out_rewards"][-1]
 
 
 def _check(name: str, gains: list[float], margin: float) -> None:
@@ -49,10 +36,11 @@ def _check(name: str, gains: list[float], margin: float) -> None:
 
 @pytest.mark.learning
 @pytest.mark.integration  # ~10-20 min: CI runs it in the second tier, so the default tier stays near 20 min
-def test_default_run_learns_and_generalises(tmp_path):
+def test_default_run_learns_and_generalises():
     with ProcessPoolExecutor(len(SEEDS), mp_context=multiprocessing.get_context("spawn")) as pool:
-        # one output folder per seed: three runs creating one MLflow sqlite store at once race on its schema
-        runs = list(pool.map(train_one_seed, SEEDS, [str(tmp_path / f"seed{seed}") for seed in SEEDS]))
+        # the benchmark's own run (each in its own temporary output folder), with no arm overrides
+        runs = [(*r["eval"], *r["held_out"]) for r in pool.map(one_run, ["default"] * len(SEEDS), [[]] * len(SEEDS),
+                                                                 SEEDS, [ITERATIONS] * len(SEEDS))]
     for seed, (t0, t1, h0, h1) in zip(SEEDS, runs):
         print(f"seed {seed}: eval reward {t0:.3f} -> {t1:.3f} ({t1 - t0:+.3f}); held-out {h0:.3f} -> {h1:.3f} ({h1 - h0:+.3f})")
     _check("training prompts", [t1 - t0 for t0, t1, _, _ in runs], TRAIN_MARGIN)
