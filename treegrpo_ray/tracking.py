@@ -9,6 +9,7 @@ server decides its own artifact store. Resume re-opens the same MLflow run by id
 continue."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -40,6 +41,16 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+def store_lock(uri: str):
+    """An inter-process lock around creating a sqlite store's schema and experiment: without it, two
+    runs started at the same moment in one output folder both create the tables (`duplicate column
+    name`) or the experiment (`already exists`), and one dies at start-up. Servers lock themselves."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+    return FileLock(uri[len("sqlite:///"):] + ".lock", timeout=600)
+
+
 class Tracker:
     """Thin wrapper so the driver reads `tracker.log(metrics, step)`; all MLflow calls live here."""
 
@@ -59,10 +70,11 @@ class Tracker:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
-        if artifact_location and mlflow.MlflowClient(uri).get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location=Path(artifact_location).as_uri())
-        mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name or None)
+        with store_lock(uri):  # runs started together in one folder would race on creating the store
+            if artifact_location and mlflow.MlflowClient(uri).get_experiment_by_name(experiment) is None:
+                mlflow.create_experiment(experiment, artifact_location=Path(artifact_location).as_uri())
+            mlflow.set_experiment(experiment)
+            self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name or None)
         self.run_id, self.uri = self.run.info.run_id, uri
 
     def log_params(self, params: dict[str, str]) -> None:

@@ -1,0 +1,38 @@
+"""Runs started together in one output folder share its MLflow store without racing on creating it."""
+import multiprocessing as mp
+
+from treegrpo_ray.tracking import artifact_location, tracking_uri
+
+N = 4
+
+
+def _start(out_dir: str, barrier, results) -> None:
+    from treegrpo_ray.tracking import Tracker
+    uri = tracking_uri("", out_dir)
+    barrier.wait()  # every process creates the (not yet existing) store at the same moment
+    try:
+        t = Tracker(uri, "treegrpo", run_name="r", artifact_location=artifact_location(uri))
+        t.log({"x": 1.0}, step=0)
+        t.end()
+        results.put(("ok", t.run_id))
+    except Exception as e:  # report it: a dead child would only show as a missing result
+        results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def test_runs_started_together_in_one_folder_share_one_store(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(N), ctx.Queue()
+    procs = [ctx.Process(target=_start, args=(str(tmp_path / "outputs"), barrier, results)) for _ in range(N)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [kind for kind, _ in got] == ["ok"] * N, got
+    assert len({run_id for _, run_id in got}) == N  # one MLflow run each
+
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri("", str(tmp_path / "outputs")))
+    exp = client.get_experiment_by_name("treegrpo")
+    assert len(client.search_runs([exp.experiment_id])) == N
+    assert (tmp_path / "outputs" / "mlflow.db.lock").exists()  # the lock sits beside the store it guards
