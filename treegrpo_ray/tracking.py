@@ -44,11 +44,19 @@ def artifact_location(uri: str) -> str | None:
 def store_lock(uri: str):
     """An inter-process lock around creating a sqlite store's schema and experiment: without it, two
     runs started at the same moment in one output folder both create the tables (`duplicate column
-    name`) or the experiment (`already exists`), and one dies at start-up. Servers lock themselves."""
+    name`) or the experiment (`already exists`), and one dies at start-up. Servers lock themselves.
+    The lock file lives in the system temp folder, named after the store's absolute path, so the
+    output folder holds only what the README lists (sqlite itself only works on a local disk, so
+    the processes that can race share that machine's temp folder)."""
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
+    import hashlib
+    import tempfile
+
     from filelock import FileLock
-    return FileLock(uri[len("sqlite:///"):] + ".lock", timeout=600)
+    db = str(Path(uri[len("sqlite:///"):]).resolve())
+    name = f"treegrpo_ray-mlflow-{hashlib.sha256(db.encode()).hexdigest()[:16]}.lock"
+    return FileLock(str(Path(tempfile.gettempdir()) / name), timeout=600, mode=0o666)
 
 
 class Tracker:
