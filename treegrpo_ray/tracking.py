@@ -41,22 +41,32 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
 def store_lock(uri: str):
     """An inter-process lock around creating a sqlite store's schema and experiment: without it, two
     runs started at the same moment in one output folder both create the tables (`duplicate column
     name`) or the experiment (`already exists`), and one dies at start-up. Servers lock themselves.
-    The lock file lives in the system temp folder, named after the store's absolute path, so the
-    output folder holds only what the README lists (sqlite itself only works on a local disk, so
-    the processes that can race share that machine's temp folder)."""
+    It is a `flock` on the store's folder itself, so it leaves no lock file behind (in the output
+    folder or anywhere else) and the kernel releases it when the process ends. sqlite needs a local
+    disk, where flock works; where it does not (no `fcntl`, or a filesystem refusing it) the store
+    is opened unlocked, as before this lock existed."""
     if not uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    import hashlib
-    import tempfile
-
-    from filelock import FileLock
-    db = str(Path(uri[len("sqlite:///"):]).resolve())
-    name = f"treegrpo_ray-mlflow-{hashlib.sha256(db.encode()).hexdigest()[:16]}.lock"
-    return FileLock(str(Path(tempfile.gettempdir()) / name), timeout=600, mode=0o666)
+        yield
+        return
+    try:
+        import fcntl
+        fd = os.open(Path(uri[len("sqlite:///"):]).resolve().parent, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 class Tracker:
