@@ -214,9 +214,29 @@ def resolve_paths(cfg: Config) -> RunPaths:
                               "and tracking.run_name, or use checkpoint.resume=auto to resume when a checkpoint "
                               "exists and start fresh otherwise")
     if not name:
-        name = f"{cfg.tree.variant}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        name = unique_run_name(root, f"{cfg.tree.variant}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}")
     run_dir = storage.join(root, name)
     return RunPaths(run_dir, storage.join(run_dir, "checkpoints"), None, {})
+
+
+def unique_run_name(root: str, base: str) -> str:
+    """A default run name no other run has: `base`, else `base-2`, `base-3`, ... Runs launched
+    together (a sweep started by a shell loop) get the same start second; under a local output_dir
+    the run folder is created here with an exclusive mkdir, so two runs cannot both take it. An
+    object store has no exclusive create: there the first name whose folder does not exist yet."""
+    for i in range(1, 10_000):
+        name = base if i == 1 else f"{base}-{i}"
+        path = storage.join(root, name)
+        if storage.is_local(path):
+            try:
+                Path(path).mkdir(parents=True, exist_ok=False)
+                return name
+            except FileExistsError:
+                continue
+        elif not storage.exists(path):
+            return name
+    raise ConfigError(f"tracking.output_dir {redact_uri(root)} already holds runs {base} to {base}-9999: "
+                      "set tracking.run_name")
 
 
 def resolve_output(cfg: Config) -> Config:
