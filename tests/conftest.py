@@ -44,3 +44,31 @@ def ray_local():
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}})
     yield ray
     ray.shutdown()
+
+
+# SD1.5's scheduler as the hub ships it (PNDM, its scheduler_config.json's fields); the policy swaps in DDIM
+SD15_HUB_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                      "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+                      "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
+
+
+@pytest.fixture(scope="session")
+def tiny_family_pipelines(tmp_path_factory):
+    """Tiny random-init pipelines of each family's real structure, saved with `save_pretrained`:
+    sd35 (SD3.5-medium's layers), flux (FLUX.1-dev), flux_schnell, sd15 (with the hub's PNDM config)."""
+    import json
+
+    import torch
+
+    from tools.tiny_pipelines import save_tiny, save_tiny_sd3
+
+    with torch.random.fork_rng(devices=[]):
+        dirs = {"sd35": save_tiny_sd3(tmp_path_factory.mktemp("sd35"), sd35=True),
+                "flux": save_tiny("flux", tmp_path_factory.mktemp("flux")),
+                "flux_schnell": save_tiny("flux", tmp_path_factory.mktemp("schnell"), guidance_embeds=False),
+                "sd15": save_tiny("sd15", tmp_path_factory.mktemp("sd15"))}
+    index = json.loads((dirs["sd15"] / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (dirs["sd15"] / "model_index.json").write_text(json.dumps(index))
+    (dirs["sd15"] / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_HUB_SCHEDULER))
+    return dirs

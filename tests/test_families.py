@@ -3,12 +3,10 @@ its real architecture saved with `save_pretrained` and loaded back through the p
 `from_pretrained` path. For each: our ODE sampling equals the plain diffusers pipeline's own
 denoising loop, re-scoring reproduces the sampler's log-probs, NFE equals count_nfe, and a short
 in-process run trains and exports what plain diffusers loads (full fine-tune and LoRA)."""
-import json
 
 import pytest
 import torch
 
-from tools.tiny_pipelines import save_tiny, save_tiny_sd3
 from treegrpo_ray import driver
 from treegrpo_ray.algo.tree import count_nfe
 from treegrpo_ray.config import load_config
@@ -20,24 +18,9 @@ from treegrpo_ray.sampling.tree_sampler import TreeSampler
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "a blue square and a green triangle"]
 FAMILIES = ("sd35", "flux", "sd15")
-# SD1.5's scheduler as the hub ships it (PNDM, its scheduler_config.json's fields); the policy swaps in DDIM
-SD15_HUB_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                      "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-                      "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None}
-
-
 @pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    with torch.random.fork_rng(devices=[]):
-        dirs = {"sd35": save_tiny_sd3(tmp_path_factory.mktemp("sd35"), sd35=True),
-                "flux": save_tiny("flux", tmp_path_factory.mktemp("flux")),
-                "flux_schnell": save_tiny("flux", tmp_path_factory.mktemp("schnell"), guidance_embeds=False),
-                "sd15": save_tiny("sd15", tmp_path_factory.mktemp("sd15"))}
-    index = json.loads((dirs["sd15"] / "model_index.json").read_text())
-    index["scheduler"] = ["diffusers", "PNDMScheduler"]
-    (dirs["sd15"] / "model_index.json").write_text(json.dumps(index))
-    (dirs["sd15"] / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_HUB_SCHEDULER))
-    return dirs
+def pipelines(tiny_family_pipelines):
+    return tiny_family_pipelines
 
 
 def load(path, **kw):

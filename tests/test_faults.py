@@ -208,6 +208,25 @@ class FakePolicy:
         self.state = state
 
 
+def test_a_restored_learner_replays_the_updates_since_the_checkpoint_in_order(tmp_path, monkeypatch):
+    # a learner node lost at version 5 with the newest checkpoint at 3: the driver's log holds the
+    # updates 3 -> 4 and 4 -> 5 (and 2 -> 3, already in the checkpoint); each is applied once, in order
+    from treegrpo_ray.actors import train_loop
+    ckpt = save_checkpoint(tmp_path, 3, model_state={"w": torch.ones(2)}, optimizer_state={"version": 3},
+                           run_state={"version": 3})
+    applied = []
+
+    def apply(update, learner):
+        applied.append(update.iteration)
+        learner.version += 1
+    monkeypatch.setattr(train_loop, "_apply", apply)
+    log = tuple((v, Update([None], torch.zeros(1), v)) for v in (2, 3, 4))
+    learner = FakeLearner(0)
+    train_loop._catch_up(Envelope(seq=9, version=5, checkpoint=str(ckpt), command=Update([None], torch.zeros(1), 5),
+                                  replay=log), FakePolicy(), learner)
+    assert learner.version == 5 and applied == [3, 4]
+
+
 def test_a_restarted_learner_catches_up_from_the_drivers_checkpoint_or_says_it_cannot(tmp_path):
     from treegrpo_ray.actors.train_loop import LearnerBehind, _catch_up
     ckpt = save_checkpoint(tmp_path, 3, model_state={"w": torch.ones(2)}, optimizer_state={"version": 3},
@@ -218,7 +237,7 @@ def test_a_restarted_learner_catches_up_from_the_drivers_checkpoint_or_says_it_c
     assert learner.version == 3 and torch.equal(policy.state["w"], torch.ones(2))
     _catch_up(envelope(3, None), policy, FakeLearner(3))     # already there: nothing to do
     with pytest.raises(LearnerBehind, match=r"restored at weights version 2, but the run is at version 4 .*"
-                                            r"iter_000003\) does not hold it"):
+                                            r"iter_000003\) nor the updates since it \(0 replayable\) reach it"):
         _catch_up(envelope(4, str(ckpt)), FakePolicy(), FakeLearner(2))
     with pytest.raises(LearnerBehind, match=r"\(none yet\)"):
         _catch_up(envelope(1, None), FakePolicy(), FakeLearner(0))

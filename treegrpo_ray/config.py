@@ -95,6 +95,9 @@ class PoolsConfig:
     reward: ResourcesConfig = doc(ResourcesConfig(), "resources of each reward actor")
     max_restarts: int = doc(3, "Ray restarts of a crashed sampler/reward actor (-1 = unlimited)")
     max_task_retries: int = doc(3, "retries of a call lost with its actor")
+    lost_node_wait_s: float = doc(600.0, "how long a call (or the learner) whose actor's node was lost waits for Ray "
+                                  "to restart it on a replacement node before the run stops (its checkpoints kept; "
+                                  "checkpoint.resume=auto continues)")
     reward_chunk: int = doc(0, "leaves per reward call; 0 = one call per sampler batch")
     sampler_calls: int = doc(1, "calls per sampler per iteration, each growing its share of the sampler's prompts: "
                              "rewards of one call run while the next grows (Ray); 1 = one batch per sampler")
@@ -182,6 +185,9 @@ class CheckpointConfig:
     keep: int = doc(2, "checkpoints kept on disk (older ones are deleted after a newer one is complete)")
     resume: str = doc("", "'' = fresh run | 'latest' = newest complete checkpoint (error if none) | 'auto' = "
                       "latest if there is one, else fresh (for preemptible jobs) | a checkpoint dir")
+    preempt_grace_s: float = doc(30.0, "seconds a stop signal (SIGTERM/SIGINT: a preempted pod, ray job stop) "
+                                 "leaves before SIGKILL (Kubernetes' terminationGracePeriodSeconds): the driver warns "
+                                 "when finishing the update in flight and the checkpoint took longer")
 
 
 @dataclass(frozen=True)
@@ -447,6 +453,8 @@ def _validate_pools(cfg: Config) -> None:
         _check(getattr(p, key) >= 1, f"pools.{key}", f"{getattr(p, key)} actors: each pool needs >= 1", "use 1 or more")
     for key in ("max_restarts", "max_task_retries"):
         _check(getattr(p, key) >= -1, f"pools.{key}", f"{getattr(p, key)} must be >= -1", "use -1 for unlimited, 0 for none")
+    _check(p.lost_node_wait_s > 0, "pools.lost_node_wait_s", f"{p.lost_node_wait_s} must be > 0",
+           "give the seconds a replacement node may take to join (a KubeRay pod: minutes)")
     _check(p.reward_chunk >= 0, "pools.reward_chunk", f"{p.reward_chunk} must be >= 0", "use 0 for one call per batch")
     _check(p.sampler_calls >= 1, "pools.sampler_calls", f"{p.sampler_calls} must be >= 1", "use 1, or 2-4 to overlap rewards")
     for key, r in (("pools.sampler", p.sampler), ("pools.reward", p.reward), ("learner.resources", cfg.learner.resources)):

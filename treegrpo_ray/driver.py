@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from treegrpo_ray import builders, report, storage
+from treegrpo_ray import builders, preemption, report, storage
 from treegrpo_ray.algo.advantages import RunningPromptStats
 from treegrpo_ray.algo.seeds import iteration_seed, sampler_seed
 from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
@@ -287,10 +287,11 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     history: list[dict[str, float]] = []
     stats = (RunningPromptStats(cfg.learner.adv_buffer, cfg.learner.adv_min_count, cfg.learner.adv_eps,
                                 state=paths.run_state.get("adv_stats")) if cfg.learner.adv_stats == "running" else None)
-    status, system = "FAILED", None
+    status, system, saved, step = "FAILED", None, (start if paths.resume_from else None), start
     try:
         system = build_system(cfg, paths.resume_from)
-        if start == 0 and cfg.eval_every:
+        preemption.install()  # after Ray's own SIGTERM handler (build_system starts Ray): ours replaces it
+        if start == 0 and cfg.eval_every and not paths.resume_from:  # (a resume at 0: stopped before iteration 1)
             m, images = evaluate(cfg, system, eval_prompts, held_out)
             tracker.log(m, step=0)
             tracker.log_image(images, "samples/eval", step=0)
@@ -299,7 +300,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
         handle = system.launch(plan(cfg, train_prompts, start)) if start < cfg.iterations else None
         loop_t0 = time.perf_counter()
         for it in range(start, cfg.iterations):
-            handle, m = iteration(cfg, system, handle, train_prompts, it, stats)
+            preemption.check()
+            handle, m = iteration(cfg, system, handle, train_prompts, it, stats)  # Preempted: sampling abandoned
             step = it + 1
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iterations):
                 em, images = evaluate(cfg, system, eval_prompts, held_out)
@@ -316,16 +318,48 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
                 left = (time.perf_counter() - loop_t0) / (it + 1 - start) * (cfg.iterations - it - 1)
                 print(progress_line(it, cfg.iterations, m, left), file=out, flush=True)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.iterations:
-                system.save(paths.checkpoints, step, {"next_iteration": step, "mlflow_run_id": tracker.run_id,
-                                                      "seed": cfg.seed, "version": system.version}
-                            | ({"adv_stats": stats.state()} if stats else {}), cfg.checkpoint.keep)
+                save(cfg, system, paths, tracker, step, stats)
+                saved = step
+        preemption.check()
         export_dir, extra = finish(cfg, system, paths, tracker, history, out)
         status = "FINISHED"
+    except preemption.Preempted as stop:
+        status = "KILLED"
+        if system is not None:
+            stop_on_signal(cfg, system, paths, tracker, step, saved, stats, stop, out)
+        raise
     finally:
         if system is not None:
             system.close()
+        preemption.uninstall()
         tracker.end(status)
     return summarize(history, paths, tracker, export_dir) | extra
+
+
+def save(cfg: Config, system, paths: RunPaths, tracker, step: int, stats: RunningPromptStats | None) -> None:
+    """Checkpoint after `step` completed iterations: weights, optimizer and what a resume needs."""
+    system.save(paths.checkpoints, step, {"next_iteration": step, "mlflow_run_id": tracker.run_id, "seed": cfg.seed,
+                                          "version": system.version}
+                | ({"adv_stats": stats.state()} if stats else {}), cfg.checkpoint.keep)
+
+
+def stop_on_signal(cfg: Config, system, paths: RunPaths, tracker, step: int, saved: int | None,
+                   stats: RunningPromptStats | None, stop: preemption.Preempted, out) -> None:
+    """A stop signal: checkpoint the last completed iteration (unless it is saved already) and say
+    what was kept. Its cost is the iteration in flight at most."""
+    t0 = time.perf_counter()
+    if saved != step:
+        save(cfg, system, paths, tracker, step, stats)
+    took = time.perf_counter() - t0
+    print(f"treegrpo_ray: {stop}; stopped after iteration {step} of {cfg.iterations}, "
+          f"{'checkpoint written in ' + format(took, '.1f') + ' s' if saved != step else 'its checkpoint was already written'} "
+          f"({preemption.seconds_since():.1f} s after the signal; checkpoint.preempt_grace_s="
+          f"{cfg.checkpoint.preempt_grace_s:g}). Resubmit with checkpoint.resume=auto to continue this run "
+          f"(tracking.run_name={storage.name(paths.run_dir)}); exit status {stop.exit_code}", file=out, flush=True)
+    if preemption.seconds_since() > cfg.checkpoint.preempt_grace_s:
+        print(f"treegrpo_ray: WARNING: stopping took {preemption.seconds_since():.0f} s, more than "
+              f"checkpoint.preempt_grace_s={cfg.checkpoint.preempt_grace_s:g}: give the pods a longer "
+              "terminationGracePeriodSeconds (deploy/README.md)", file=out, flush=True)
 
 
 def finish(cfg: Config, system, paths: RunPaths, tracker, history: list[dict], out) -> tuple[str, dict]:
@@ -391,7 +425,8 @@ def iteration(cfg: Config, system, handle, prompts: list[str], it: int, stats: R
         nxt = system.launch(plan(cfg, prompts, it + 1))
     wall = time.perf_counter() - t0
     m.update({"time/iter_s": wall, "time/sample_s": collected.sample_s, "time/reward_s": collected.reward_s,
-              "perf/actor_restarts": float(collected.restarts), "weights/version": float(system.version)})
+              "perf/actor_restarts": float(collected.restarts), "weights/version": float(system.version),
+              "faults/retried_calls": float(collected.retried_calls)})
     m.update({f"time/reward/{part}_s": s for part, s in collected.reward_parts.items()})  # decode, each scorer
     checked = [b.extras["weights_verified"] for b in collected.infos if "weights_verified" in b.extras]
     if checked:  # Ray: samplers checked the weights they loaded against the publish fingerprint

@@ -42,14 +42,18 @@ def main(argv: list[str] | None = None) -> int:
             plan.check(layout)
             return 0
         from treegrpo_ray.driver import result_lines, run
-        summary = run(cfg)
+        from treegrpo_ray.preemption import Preempted
+        try:
+            summary = run(cfg)
+        except Preempted as stop:  # the driver wrote a checkpoint and said so
+            return stop.exit_code
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    first = summary["eval_rewards"][0] if summary["eval_rewards"] else float("nan")
-    last = summary["eval_rewards"][-1] if summary["eval_rewards"] else float("nan")
-    print(f"done: eval reward {first:.3f} -> {last:.3f} over {summary['iterations']} iterations | "
-          f"outputs in {summary['run_dir']}")
+    evals = summary["eval_rewards"]
+    shown = (f"eval reward {evals[0]:.3f} -> {evals[-1]:.3f}" if len(evals) > 1 else
+             f"eval reward {evals[0]:.3f} (evaluated once)" if evals else "not evaluated (eval_every=0)")
+    print(f"done: {shown} over {summary['iterations']} iterations | outputs in {summary['run_dir']}")
     for line in result_lines(cfg, summary):
         print(line)
     if args.summary_json:

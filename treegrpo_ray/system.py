@@ -36,6 +36,7 @@ class Collected:
     restarts: int = 0       # actor restarts observed while collecting
     reward_parts: dict[str, float] = field(default_factory=dict)  # of reward_s: decode and each scorer
     dropped_trees: int = 0  # trees of calls that failed (after Ray's retries): never trained on
+    retried_calls: int = 0  # calls (or reward chunks) run again after their actor or node was lost (Ray)
     driver_bytes: int = 0   # serialized bytes the driver fetched (Ray; 0 in-process)
     dead_rewards: list[int] = field(default_factory=list)  # reward actors that died for good (Ray)
 

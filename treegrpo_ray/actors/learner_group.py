@@ -3,14 +3,17 @@ on W workers for the whole run, one inbox queue per rank and one outbox, the typ
 `learner_protocol`, and replay of the pending command when Ray Train restarts the group."""
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
+from dataclasses import replace
 
 from ray.util.queue import Empty, Queue
 
 from treegrpo_ray import storage
 from treegrpo_ray.actors.learner_protocol import REPLY, Envelope, Export, Failed, Ready, Save, Stop, Update, Updated
+from treegrpo_ray.actors.pools import on_driver_node
 from treegrpo_ray.actors.train_loop import learner_loop
 from treegrpo_ray.config import Config
 
@@ -23,9 +26,12 @@ class LearnerGroup:
         from ray.train.torch import TorchTrainer
         lr = cfg.learner
         self.cfg = cfg
-        self.inboxes = [Queue() for _ in range(lr.workers)]
-        self.outbox = Queue()
+        # the queues live on the driver's node (its loss is the run's anyway): a lost learner node
+        # takes only the workers, which Ray Train restores
+        self.inboxes = [Queue(actor_options={"num_cpus": 0, **on_driver_node()}) for _ in range(lr.workers)]
+        self.outbox = Queue(actor_options={"num_cpus": 0, **on_driver_node()})
         self.seq, self.version, self.pending = 0, 0, None
+        self.since_checkpoint: list[tuple[int, Update]] = []  # replayed by a restored group
         self.checkpoint = str(resume_from) if resume_from else None  # newest checkpoint of this run
         self.pid, self.restarts = 0, 0
         res = {"CPU": lr.resources.num_cpus, **lr.resources.resources}
@@ -43,12 +49,16 @@ class LearnerGroup:
                                          resources_per_worker=res),
             run_config=RunConfig(storage_path=train_path, storage_filesystem=train_fs,
                                  name=f"learner-{os.getpid()}-{int(time.time())}",
-                                 failure_config=FailureConfig(max_failures=max(cfg.pools.max_restarts, 0))))
+                                 # a worker group that cannot start (its node is gone) is retried each
+                                 # 60 s (Ray Train's start timeout) for about pools.lost_node_wait_s
+                                 failure_config=FailureConfig(
+                                     max_failures=max(cfg.pools.max_restarts, 0),
+                                     controller_failure_limit=max(1, math.ceil(cfg.pools.lost_node_wait_s / 60)))))
         self.fit_error: BaseException | None = None
         self.fit_thread = threading.Thread(target=self._fit, daemon=True)
         self.fit_thread.start()
         ready = self._wait(Ready)
-        self.version, self.pid = ready.version, ready.pid
+        self.version, self.pid, self.node = ready.version, ready.pid, ready.node
         if probe is not None:
             storage.delete_file(probe)
         if not ready.sees_outputs:
@@ -57,12 +67,15 @@ class LearnerGroup:
 
     # -- the commands --------------------------------------------------------------------------------
     def update(self, batch_refs: list, leaf_advantages, iteration: int) -> Updated:
-        reply = self.run(Update(list(batch_refs), leaf_advantages, iteration))
+        command, before = Update(list(batch_refs), leaf_advantages, iteration), self.version
+        reply = self.run(command)
         self.version = reply.version
+        self.since_checkpoint.append((before, command))  # its trees stay in the object store until the next save
         return reply
 
     def save(self, root: str, iteration: int, run_state: dict, keep: int) -> str:
         self.checkpoint = self.run(Save(str(root), iteration, run_state, keep)).path
+        self.since_checkpoint = []
         return self.checkpoint
 
     def export(self, out_dir: str) -> str:
@@ -114,15 +127,19 @@ class LearnerGroup:
 
     def _restarted(self, ready: Ready) -> None:
         """Ray Train restarted the group: drop stale copies of the pending command and send it again
-        (a rank that already took it runs it once). The restored ranks catch up to the command's
+        with the updates since the newest checkpoint to replay (a rank that already took it runs it once). The restored ranks catch up to the command's
         version from our newest checkpoint, or answer Failed if the updates since it are lost: we
         stop then rather than rewind silently, and resuming replays them exactly."""
         self.restarts += 1
-        self.pid = ready.pid
+        self.pid, self.node = ready.pid, ready.node
+        print(f"treegrpo_ray: Ray Train restored the learner group (restart {self.restarts}) at weights version "
+              f"{ready.version}; the run is at {self.version}: catching up from {self.checkpoint or 'the initial weights'}"
+              f" and {len(self.since_checkpoint)} update(s) since it", flush=True)
         for q in self.inboxes:
             while not q.empty():
                 q.get_nowait()
         if self.pending is not None:
+            self.pending = replace(self.pending, replay=tuple(self.since_checkpoint))
             for q in self.inboxes:
                 q.put(self.pending)
 

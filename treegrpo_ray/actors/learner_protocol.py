@@ -45,6 +45,8 @@ class Envelope:
     version: int                # weights version the group must be at to run the command
     checkpoint: str | None      # the run's newest checkpoint, to catch up from after a restart
     command: Update | Save | Export
+    # after a restart: the updates since that checkpoint, as (version before, Update), to re-apply
+    replay: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class Ready:
     pid: int
     host: str
     sees_outputs: bool = True
+    node: str = ""              # Ray node id of rank 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import uuid
 
 import ray
 
-from treegrpo_ray.actors.dispatch import collect_iteration
+from treegrpo_ray.actors.dispatch import Reissue, collect_iteration
 from treegrpo_ray.actors.reward_actor import RewardActor
 from treegrpo_ray.actors.sampler_actor import SamplerActor
 from treegrpo_ray.actors.weight_store import WeightStore
@@ -23,6 +23,13 @@ from treegrpo_ray.config import Config, ResourcesConfig, leaves_per_iteration
 from treegrpo_ray.system import EVAL_GRID_IMAGES, Collected, SampleRequest
 
 REPLY_TIMEOUT_S = float(os.environ.get("TREEGRPO_REPLY_TIMEOUT_S", "1800"))
+
+
+def on_driver_node() -> dict:
+    """Options that keep an actor on the driver's node (hard affinity): the weight store and the
+    learner's queues, which the run cannot lose, go down only with the driver itself."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def actor_options(r: ResourcesConfig, *, max_restarts: int, max_task_retries: int) -> dict:
@@ -41,7 +48,8 @@ class Pools:
         # Samplers find the store by name: an actor handle among a restartable actor's constructor
         # arguments lives in the object store, which Ray warns may break the restart (ray#53727).
         self.store_name = f"treegrpo-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.store = WeightStore.options(name=self.store_name).remote()
+        # The run's own control actors live on the driver's node: only the head's loss ends a run.
+        self.store = WeightStore.options(name=self.store_name, **on_driver_node()).remote()
         per_call = leaves_per_iteration(cfg) // (p.samplers * p.sampler_calls)
         self.chunks = max(1, math.ceil(per_call / p.reward_chunk)) if p.reward_chunk else 1
         self.trees_per_prompt = cfg.tree.trees_per_prompt
@@ -51,9 +59,14 @@ class Pools:
                          for _ in range(p.samplers)]
         self.rewards = [ray.remote(RewardActor).options(**ropts).remote(cfg_dict) for _ in range(p.rewards)]
         self.eval_restarts = 0  # reward actor restarts seen by evaluate, counted with the next iteration
+        self.lost_node_wait_s = p.lost_node_wait_s
+        self.log = lambda line: print(line, flush=True)
 
-    def wait_ready(self) -> None:
-        ray.get([a.ready.remote() for a in self.samplers + self.rewards])
+    def wait_ready(self) -> dict[str, list[str]]:
+        """Wait for every actor; returns the node id of each, per pool (and of the weight store)."""
+        nodes = ray.get([a.ready.remote() for a in self.samplers + self.rewards])
+        return {"sampler": nodes[:len(self.samplers)], "reward": nodes[len(self.samplers):],
+                "weight store": [ray.get(self.store.node.remote())]}
 
     def launch(self, requests: list[SampleRequest]):
         """Queue the requests on the samplers, consecutive requests on one sampler (request j on
@@ -62,15 +75,19 @@ class Pools:
         weights = ray.get(self.store.latest.remote(-1))
         opts = {"num_returns": 2 + self.chunks}
         per = len(requests) // len(self.samplers)
-        calls = [self.samplers[j // per].sample.options(**opts).remote(r.prompts, r.window_start, r.seed, weights)
-                 for j, r in enumerate(requests)]
+        owner = [self.samplers[j // per] for j in range(len(requests))]
+
+        def submit(j: int) -> list:
+            r = requests[j]
+            return owner[j].sample.options(**opts).remote(r.prompts, r.window_start, r.seed, weights)
+        calls = [submit(j) for j in range(len(requests))]
         trees = [len(r.prompts) * self.trees_per_prompt for r in requests]
-        return time.perf_counter(), calls, trees
+        return time.perf_counter(), calls, trees, Reissue(submit, owner, self.lost_node_wait_s, self.log)
 
     def collect(self, handle) -> Collected:
-        started, calls, trees = handle
+        started, calls, trees, reissue = handle
         out = collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=REPLY_TIMEOUT_S,
-                                trees=trees)
+                                trees=trees, reissue=reissue)
         out.restarts, self.eval_restarts = out.restarts + self.eval_restarts, 0
         for a in sorted(out.dead_rewards, reverse=True):  # their restarts are used up: route around them
             self.rewards.pop(a)

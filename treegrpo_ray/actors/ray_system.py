@@ -94,7 +94,12 @@ class RaySystem:
                 ray.shutdown()
             raise
         self.restarts_logged = 0
-        self.pools.wait_ready()
+        self.placement = self.pools.wait_ready() | {"learner": [self.learner.node]}
+        self.placement["driver"] = [ray.get_runtime_context().get_node_id()]
+        if len({n for ids in self.placement.values() for n in ids}) > 1:  # a multi-node cluster: say where
+            print("treegrpo_ray: placement: " + " | ".join(
+                f"{pool} on node{'s' if len(set(ids)) > 1 else ''} {', '.join(sorted({i[:8] for i in ids}))}"
+                for pool, ids in self.placement.items()), flush=True)
 
     @property
     def version(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 
+import ray
 import torch
 
 from treegrpo_ray import builders
@@ -28,8 +29,9 @@ class RewardActor:
         restarted, self.restarted = self.restarted, False
         return scores, time.perf_counter() - t0, restarted, images, timings(metrics)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The id of the node this actor runs on (the driver logs where each pool landed)."""
+        return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
         return os.getpid()

@@ -56,8 +56,9 @@ class SamplerActor:
         self._pull()
         return ode_sample(self.policy, prompts, num_steps=self.cfg.tree.num_steps, seed=seed)
 
-    def ready(self) -> int:
-        return self.version
+    def ready(self) -> str:
+        """The id of the node this actor runs on (the driver logs where each pool landed)."""
+        return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
         return os.getpid()

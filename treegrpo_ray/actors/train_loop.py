@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import ray
+import ray.exceptions
 import ray.train
 import ray.train.torch
 import torch
@@ -79,20 +80,32 @@ def _load(path: str, policy, learner) -> None:
         learner.load_state(optim)
 
 
+def _apply(update: Update, learner) -> dict:
+    return learner.update(merge_batches(ray.get(update.batch)), update.leaf_adv, update.iteration)
+
+
 def _catch_up(cmd: Envelope, policy, learner) -> None:
-    """Bring a restarted learner to the version the command expects, from the driver's newest checkpoint."""
+    """Bring a restarted learner to the version the command expects: the driver's newest
+    checkpoint, then the updates since it (`cmd.replay`, the same trees and advantages in the same
+    order, so the same weights bit for bit)."""
     if cmd.version == learner.version:
         return
     restored = learner.version
     if cmd.checkpoint:
         _load(cmd.checkpoint, policy, learner)
+    for before, update in cmd.replay:
+        if before == learner.version and learner.version < cmd.version:
+            try:
+                _apply(update, learner)
+            except ray.exceptions.ObjectLostError:
+                break  # those trees went with a lost sampler node too
     if cmd.version == learner.version:
         return
     raise LearnerBehind(
         f"a learner worker died and was restored at weights version {restored}, but the run is at version "
-        f"{cmd.version} and its newest checkpoint ({cmd.checkpoint or 'none yet'}) does not hold it: the "
-        "updates since are lost. Resubmit with checkpoint.resume=latest (it replays from the newest checkpoint "
-        "exactly); checkpoint.every=1 makes learner restarts lossless.")
+        f"{cmd.version} and neither its newest checkpoint ({cmd.checkpoint or 'none yet'}) nor the updates since "
+        f"it ({len(cmd.replay)} replayable) reach it: the updates since are lost. Resubmit with "
+        "checkpoint.resume=latest (it replays from the newest checkpoint exactly).")
 
 
 def learner_loop(config: dict) -> None:
@@ -103,7 +116,8 @@ def learner_loop(config: dict) -> None:
             _publish(store, learner.version, policy)
         probe = config.get("probe")
         outbox.put(Ready(version=learner.version, pid=os.getpid(), host=socket.gethostname(),
-                         sees_outputs=probe is None or storage.exists(probe)))
+                         sees_outputs=probe is None or storage.exists(probe),
+                         node=ray.get_runtime_context().get_node_id()))
     done = 0  # highest seq run by this worker: a command re-sent after a restart runs once
     while True:
         cmd = inbox.get()
@@ -127,7 +141,7 @@ def _run(cmd: Envelope, rank: int, policy, learner, store):
     """Run one command on this rank; rank 0's reply (None on the others)."""
     c = cmd.command
     if isinstance(c, Update):
-        metrics = learner.update(merge_batches(ray.get(c.batch)), c.leaf_adv, c.iteration)
+        metrics = _apply(c, learner)
         if rank == 0:
             _publish(store, learner.version, policy)
             return Updated(cmd.seq, learner.version, metrics)

@@ -71,3 +71,6 @@ class WeightStore:
 
     def current_version(self) -> int:
         return self.version
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()

@@ -151,6 +151,11 @@ class GRPOLearner:
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
         out["weights/fingerprint"] = float(int(digest(after), 16))  # 48 bits: exact as a float64 metric
         out["learner/skipped_updates"] = float(sum(m["learner/skipped"] for m in metrics))
+        # the first minibatch is on-policy: its clipping is noise (ratio != 1 by numerics alone); the
+        # later ones clip because the earlier steps moved the policy
+        out["loss/clip_frac_first"] = metrics[0]["loss/clip_frac"]
+        if len(metrics) > 1:
+            out["loss/clip_frac_later"] = sum(m["loss/clip_frac"] for m in metrics[1:]) / (len(metrics) - 1)
         out["learner/decisions"] = float(n)
         out["adv/mean"], out["adv/abs_mean"] = float(adv.mean()), float(adv.abs().mean())
         out["staleness/lag"] = float(lag)
