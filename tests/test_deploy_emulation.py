@@ -36,7 +36,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SMOKE = next(d for p, d in load_manifests() if p.parent.name == "smoke" and d["kind"] == "RayJob")
 UPLOAD_EXCLUDES = [".git", "**/__pycache__", "*.egg-info", "outputs", "mlruns", "*.db", ".pytest_cache"]
 
-pytestmark = pytest.mark.ray
+# the whole module is in the integration tier: its head (~40 s to start and stop) and the smoke
+# entrypoint's job (~60 s) are the slowest part of the default tier otherwise
+pytestmark = [pytest.mark.ray, pytest.mark.integration]
 
 
 def manifest_offer(doc: dict) -> tuple[float, dict[str, float]]:
@@ -137,7 +139,6 @@ def test_smoke_manifest_entrypoint_succeeds(emulated_head, tmp_path):
     assert "succeeded" in result.stdout, tail
 
 
-@pytest.mark.integration
 def test_ray_job_submit_from_a_fresh_folder_keeps_outputs_and_resumes(emulated_head, tiny_sd3_dir, tmp_path):
     # The README's cluster command as a user types it: from their own folder, `--working-dir .`,
     # default (relative) tracking.output_dir. The job's cwd is Ray's temporary copy of the folder,

@@ -38,14 +38,16 @@ def cli(tiny_sd3_dir, out, *extra, signal_after: int | None = None, signals: int
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": "",
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    lines, sent = [], 0
     try:
         for line in proc.stdout:
             lines.append(line)
-            if signal_after is not None and re.match(rf"iter\s+{signal_after}/", line):
-                for _ in range(signals):
-                    proc.send_signal(signal.SIGTERM)
-                signal_after = None
+            # the first signal at the iteration's line; a second one once the first is acknowledged
+            # (two signals sent back to back may reach the process as one)
+            if sent < signals and ((sent == 0 and signal_after is not None and re.match(rf"iter\s+{signal_after}/", line))
+                                   or (sent > 0 and "SIGTERM received" in line)):
+                proc.send_signal(signal.SIGTERM)
+                sent += 1
         proc.wait(timeout=600)
     finally:
         proc.kill()
@@ -113,7 +115,9 @@ def test_a_second_signal_exits_at_once_and_keeps_the_last_complete_checkpoint(ti
     code, log = cli(tiny_sd3_dir, out, "mode=local", "checkpoint.every=1", signal_after=2, signals=2)
     assert code == 143, log[-3000:]
     assert "second SIGTERM: exiting now" in log
+    # iteration 2's line comes before its checkpoint: the second signal may land mid-save, and the
+    # newest complete checkpoint is then iteration 1's; whichever it is, it loads
     newest = latest_checkpoint(out / "r" / "checkpoints")
-    assert newest is not None and int(newest.name[5:]) >= 2
+    assert newest is not None and int(newest.name[5:]) >= 1
     model, _, state = load_checkpoint(newest)  # complete and loadable
     assert state["next_iteration"] == int(newest.name[5:]) and all(torch.isfinite(t).all() for t in model.values())

@@ -148,18 +148,6 @@ def test_pipelined_ray_matches_local_with_queued_calls_and_staleness_one(tiny_sd
 
 
 @pytest.mark.ray
-def test_two_samplers_one_reward_two_learner_workers(tiny_sd3_dir, tmp_path, ray_local):
-    # 4 prompts over 2 samplers; 4 x 3 = 12 decisions over 2 DDP ranks
-    summary = run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", "iterations=3", "prompts_per_iteration=4",
-                            "pools.samplers=2", "pools.rewards=1", "learner.workers=2"))
-    versions = [v for _, v in metric_steps(summary, "weights/version")]
-    assert versions == [1.0, 2.0, 3.0]                     # one publish per update, in order
-    assert [v for _, v in metric_steps(summary, "staleness/max_lag")] == [0.0, 0.0, 0.0]
-    leaves = [v for _, v in metric_steps(summary, "tree/leaves")]
-    assert leaves == [16.0, 16.0, 16.0]                    # 4 prompts x 2**2 leaves, none lost or doubled
-
-
-@pytest.mark.ray
 def test_an_output_dir_the_learner_cannot_see_stops_the_run_before_training(tiny_sd3_dir, tmp_path, ray_local,
                                                                              monkeypatch):
     # A node-local output_dir on a multi-node cluster: the driver's probe file is not there for
