@@ -13,8 +13,9 @@ summed over the nodes, before and after the run. What the design predicts, with 
 logged (perf/leaf_bytes, perf/tree_bytes) and W = the published state (the checkpoint's model file):
     per iteration: leaves (sampler -> reward node) + the rest of the trees (sampler -> learner node)
                    + W (learner -> the weight store on the head) + W (head -> the sampler node: its
-                   samplers share one node's copy)
-    once: W twice for version 0 (published, pulled), less the last version's pull (never sampled).
+                   samplers share one node's copy), and the weights' fingerprint F with the publish
+                   and with every sampler call
+    once: version 0's publish; the last version is never pulled.
 Objects under Ray's inline limit (100 KiB) travel inside RPC replies, not through the object manager,
 so the formula counts only objects at or above it; the run's own sizes say which those are.
 """
@@ -30,23 +31,27 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import pickle
+
 import mlflow
+from safetensors.torch import load_file
 
 from treegrpo_ray.config import load_config
 from treegrpo_ray.loopback import LoopbackCluster, NodeSpec, nodes_for, pin_overrides
+from treegrpo_ray.models.fingerprint import fingerprint
 
 INLINE = 100 * 1024  # Ray's max_direct_call_object_size
 
 
-def received_bytes(cluster: LoopbackCluster) -> float:
-    total = 0.0
-    for proc in cluster.procs.values():
+def received_bytes(cluster: LoopbackCluster) -> dict[str, float]:
+    """Bytes each node's object manager has received from other nodes so far."""
+    out = {}
+    for name, proc in cluster.procs.items():
         port = _metrics_port(proc.args)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        for line in text.splitlines():
-            if line.startswith("ray_object_manager_bytes{") and 'Type="Received"' in line:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+        out[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith("ray_object_manager_bytes{") and 'Type="Received"' in line)
+    return out
 
 
 def _metrics_port(args: list[str]) -> int:
@@ -61,23 +66,27 @@ def run_on(cluster: LoopbackCluster, out: Path, argv: list[str]) -> dict:
     if done.returncode:
         raise RuntimeError(done.stdout[-3000:] + done.stderr[-3000:])
     after = received_bytes(cluster)
+    by_node = {n: after[n] - before.get(n, 0.0) for n in after}
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     (r,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
 
     def series(key):
         return [m.value for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)]
-    weights = next((out / "b" / "checkpoints").glob("iter_*/model.safetensors")).stat().st_size
+    model_file = next((out / "b" / "checkpoints").glob("iter_*/model.safetensors"))
+    fp = len(pickle.dumps(fingerprint(load_file(model_file)), protocol=5))  # travels beside the weights
     return {"iter_s": series("time/iter_s"), "leaf_bytes": series("perf/leaf_bytes"),
-            "tree_bytes": series("perf/tree_bytes"), "weights_bytes": weights, "received": after - before,
+            "tree_bytes": series("perf/tree_bytes"), "weights_bytes": model_file.stat().st_size, "fingerprint_bytes": fp, "received": sum(by_node.values()), "by_node": by_node,
             "placement": re.search(r"placement: .*", done.stdout).group(0) if "placement:" in done.stdout else ""}
 
 
-def predicted(r: dict, iterations: int, sampler_nodes: int = 1) -> float:
+def predicted(r: dict, iterations: int, calls: int, sampler_nodes: int = 1) -> float:
     big = lambda b: b if b >= INLINE else 0.0  # noqa: E731
     leaves = sum(big(b) for b in r["leaf_bytes"])
     rest = sum(big(t - l) for t, l in zip(r["tree_bytes"], r["leaf_bytes"]))
-    w = big(r["weights_bytes"])
-    return leaves + rest + (iterations + 1) * w + iterations * sampler_nodes * w
+    w, f = big(r["weights_bytes"]), big(r["fingerprint_bytes"])
+    # publishes 0..N reach the head with their fingerprint; the sampler node pulls versions
+    # 0..N-1 once, and every sampler call carries the fingerprint
+    return leaves + rest + (iterations + 1) * (w + f) + iterations * (sampler_nodes * w + calls * f)
 
 
 def main() -> None:
@@ -102,15 +111,16 @@ def main() -> None:
                 results[name] = run_on(cluster, Path(tmp) / f"out-{name.replace(' ', '')}", argv)
     a, b = results["1 node"], results["4 nodes"]
     med = {k: statistics.median(v["iter_s"][2:]) for k, v in results.items()}  # 2 warm-up iterations left out
-    pred = predicted(b, args.iterations)
-    print(json.dumps({k: {"median_iter_s": med[k], "received_bytes": v["received"], "placement": v["placement"]}
+    pred = predicted(b, args.iterations, calls=cfg.pools.samplers * cfg.pools.sampler_calls)
+    print(json.dumps({k: {"median_iter_s": med[k], "received_bytes": v["received"], "received_by_node": v["by_node"],
+                          "placement": v["placement"]}
                       for k, v in results.items()}, indent=2))
     print(f"seconds per iteration: 4 nodes / 1 node = {med['4 nodes'] / med['1 node']:.3f} "
           f"({med['4 nodes']:.3f} s vs {med['1 node']:.3f} s, medians of iterations 3-{args.iterations})")
     print(f"bytes across nodes: measured {b['received'] / 1e6:.2f} MB, the design's formula {pred / 1e6:.2f} MB "
           f"(ratio {b['received'] / max(pred, 1):.3f}); per iteration: leaves {statistics.mean(b['leaf_bytes']) / 1e3:.1f} kB, "
           f"rest of the trees {statistics.mean(t - l for t, l in zip(b['tree_bytes'], b['leaf_bytes'])) / 1e3:.1f} kB, "
-          f"weights {b['weights_bytes'] / 1e6:.2f} MB per version; 1-node cluster: {a['received'] / 1e6:.2f} MB")
+          f"weights {b['weights_bytes'] / 1e6:.2f} MB + fingerprint {b['fingerprint_bytes'] / 1e3:.0f} kB per version; 1-node cluster: {a['received'] / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

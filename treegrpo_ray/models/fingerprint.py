@@ -45,7 +45,10 @@ def fingerprint(state: Mapping[str, torch.Tensor]) -> Fingerprint:
     out = {}
     for parts in by_device.values():  # one device -> host copy per device, not one per tensor
         values = torch.cat([v for _, v in parts]).cpu().split([v.numel() for _, v in parts])
-        out.update({name: v for (name, _), v in zip(parts, values)})
+        # clone: a split is a view of the whole concatenation, and pickling a view sends its whole
+        # storage (each of 179 tensors carried all 4.5 M samples: a 25 MB fingerprint per publish
+        # and per sampler call for 8 MB of weights, BENCHMARKS.md §14)
+        out.update({name: v.clone() for (name, _), v in zip(parts, values)})
     return {name: out[name] for name in state}
 
 
