@@ -72,68 +72,16 @@ def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started:
     code (or was lost with no `reissue`, or whose actor is dead for good) is left out with all its
     trees, counted in `dropped_trees`, never trained with part of its groups. A reward actor that
     died for good gets no more work (`dead_rewards`). If every call fails, the first error is raised."""
-    calls = [list(c) for c in calls]
-    infos: dict[int, object] = {}
-    scores: dict[tuple[int, int], tuple] = {}
-    failed: dict[int, BaseException] = {}
-    waiting = {refs[0]: i for i, refs in enumerate(calls)}
-    inflight: dict = {}
-    due: dict[tuple[int, int], float] = {}   # (call, chunk or -1 for the whole call) -> when to retry
-    lost_since: dict[int, float] = {}
-    attempt = [0] * len(calls)
-    load = [0] * len(rewards)
-    live = list(range(len(rewards)))
-    out = Collected()
+    it = _Iteration(calls, rewards, chunks, reissue)
     last = time.monotonic()
-
-    def score(i: int, c: int, prompts: list[str]) -> None:
-        if not live:
-            failed.setdefault(i, RuntimeError("every reward actor has died"))
-            return
-        a = min(live, key=load.__getitem__)  # least-loaded live reward actor
-        load[a] += 1
-        inflight[rewards[a].score.remote(calls[i][2 + c], prompts)] = (i, c, a, attempt[i])
-
-    def lost(i: int, c: int, e: BaseException, who: str) -> bool:
-        """Schedule a retry of call i (c = -1) or of its chunk c; False if this loss is not retried."""
-        if reissue is None or not isinstance(e, LOST):
-            return False
-        now = time.monotonic()
-        first = lost_since.setdefault(i, now)
-        if now - first > reissue.wait_s:
-            raise NodeLost(f"{who} of sampler call {i} has been lost for {now - first:.0f} s (pools.lost_node_wait_s="
-                           f"{reissue.wait_s:g}): its node is gone and no node with the pool's resources came back. "
-                           f"Last error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        wait = min(10.0, 1.0 * 2 ** min(out.retried_calls, 4))
-        due[(i, c)] = now + wait
-        out.retried_calls += 1
-        reissue.log(f"treegrpo_ray: {who} of sampler call {i} lost ({type(e).__name__}); "
-                    f"{'re-scoring the chunk' if c >= 0 else 're-running the call'} in {wait:.0f} s "
-                    f"(waits up to {reissue.wait_s:g} s for Ray to bring the actor back)")
-        return True
-
-    while waiting or inflight or due:
-        now = time.monotonic()
-        for i, c in [k for k, t in due.items() if t <= now]:
-            del due[(i, c)]
-            if c < 0:  # the whole call again: fresh refs, its earlier chunks' results ignored
-                attempt[i] += 1
-                infos.pop(i, None)
-                for cc in range(chunks):
-                    scores.pop((i, cc), None)
-                calls[i] = list(reissue.submit(i))
-                waiting[calls[i][0]] = i
-            elif i in infos and i not in failed and (i, -1) not in due:
-                info = infos[i]
-                prompts = [info.prompts[j] for j in info.leaf_prompt.tolist()]
-                lo, hi = chunk_bounds(len(prompts), chunks)[c]
-                score(i, c, prompts[lo:hi])
-        pending = list(waiting) + list(inflight)
+    while it.waiting or it.inflight or it.due:
+        it.reissue_due()
+        pending = list(it.waiting) + list(it.inflight)
         if not pending:
-            time.sleep(max(0.0, min(due.values()) - time.monotonic()))
+            time.sleep(max(0.0, min(it.due.values()) - time.monotonic()))
             continue
         # at most 1 s per wait: a stop signal (treegrpo_ray.preemption) abandons the sampling in flight
-        wait_for = min(1.0, timeout_s, *(max(0.0, t - time.monotonic()) for t in due.values()))
+        wait_for = min(1.0, timeout_s, *(max(0.0, t - time.monotonic()) for t in it.due.values()))
         ready, _ = ray.wait(pending, num_returns=1, timeout=wait_for)
         if not ready:
             preemption.check("the iteration's sampling in flight is abandoned")
@@ -141,50 +89,115 @@ def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started:
                 raise TimeoutError(f"no sampler or reward result within {timeout_s} s")
             continue
         last = time.monotonic()
-        ref = ready[0]
-        if ref in waiting:
-            i = waiting.pop(ref)
-            try:
-                info = infos[i] = ray.get(ref)
-            except RayError as e:
-                if (isinstance(e, RayActorError) and reissue and actor_dead(reissue.sampler_of[i])) \
-                        or not lost(i, -1, e, "the sampler"):
-                    failed[i] = e
-                continue
-            lost_since.pop(i, None)
-            out.driver_bytes += serialized_bytes(info)
-            prompts = [info.prompts[j] for j in info.leaf_prompt.tolist()]
-            for c, (lo, hi) in enumerate(chunk_bounds(len(prompts), chunks)):
-                score(i, c, prompts[lo:hi])
-        else:
-            i, c, a, tried = inflight.pop(ref)
-            load[a] -= 1
-            if tried != attempt[i] or i in failed:
-                continue  # a chunk of an attempt that was re-run whole
-            try:
-                scores[(i, c)] = ray.get(ref)
-            except RayError as e:
-                dead = isinstance(e, RayActorError) and (reissue is None or actor_dead(rewards[a]))
-                if dead and a in live:  # restarts used up: route around it
-                    live.remove(a)
-                    out.dead_rewards.append(a)
-                if reissue is None or (dead and not live):
-                    failed.setdefault(i, e)
-                elif dead:  # score the chunk on another reward actor
-                    due[(i, c)] = time.monotonic()
-                    out.retried_calls += 1
-                    reissue.log(f"treegrpo_ray: reward actor {a} is gone for good; chunk {c} of sampler call {i} "
-                                "goes to another")
-                elif not lost(i, -1 if isinstance(e, ObjectLostError) else c, e, "a reward chunk"):
-                    failed.setdefault(i, e)  # (ObjectLostError: the leaves went with the sampler's node)
-                continue
-            out.driver_bytes += serialized_bytes(scores[(i, c)])
-    if len(failed) == len(calls):
-        first = failed[min(failed)]
+        it.sampled(ready[0]) if ready[0] in it.waiting else it.scored(ready[0])
+    if len(it.failed) == len(calls):
+        first = it.failed[min(it.failed)]
         raise RuntimeError(f"every sampler call of this iteration failed; the first: {first}") from first
-    _assemble(out, calls, infos, scores, failed, chunks, trees)
-    out.wall_s = time.perf_counter() - started
-    return out
+    _assemble(it.out, it.calls, it.infos, it.scores, it.failed, chunks, trees)
+    it.out.wall_s = time.perf_counter() - started
+    return it.out
+
+
+class _Iteration:
+    """The state of one iteration's collection: calls waiting on samplers, chunks in flight on
+    reward actors, retries due, results and failures."""
+
+    def __init__(self, calls: list[list], rewards: list, chunks: int, reissue: Reissue | None):
+        self.calls, self.rewards, self.chunks, self.reissue = [list(c) for c in calls], rewards, chunks, reissue
+        self.infos: dict[int, object] = {}
+        self.scores: dict[tuple[int, int], tuple] = {}
+        self.failed: dict[int, BaseException] = {}
+        self.waiting = {refs[0]: i for i, refs in enumerate(self.calls)}
+        self.inflight: dict = {}                   # score ref -> (call, chunk, reward actor, attempt)
+        self.due: dict[tuple[int, int], float] = {}  # (call, chunk or -1 for the whole call) -> retry time
+        self.lost_since: dict[int, float] = {}
+        self.attempt = [0] * len(self.calls)
+        self.load = [0] * len(rewards)
+        self.live = list(range(len(rewards)))
+        self.out = Collected()
+
+    def score(self, i: int, c: int) -> None:
+        """Send chunk c of call i to the least-loaded live reward actor."""
+        if not self.live:
+            self.failed.setdefault(i, RuntimeError("every reward actor has died"))
+            return
+        info = self.infos[i]
+        prompts = [info.prompts[j] for j in info.leaf_prompt.tolist()]
+        lo, hi = chunk_bounds(len(prompts), self.chunks)[c]
+        a = min(self.live, key=self.load.__getitem__)
+        self.load[a] += 1
+        self.inflight[self.rewards[a].score.remote(self.calls[i][2 + c], prompts[lo:hi])] = (i, c, a, self.attempt[i])
+
+    def sampled(self, ref) -> None:
+        i = self.waiting.pop(ref)
+        try:
+            info = self.infos[i] = ray.get(ref)
+        except RayError as e:
+            dead = isinstance(e, RayActorError) and self.reissue and actor_dead(self.reissue.sampler_of[i])
+            if dead or not self.lost(i, -1, e, "the sampler"):
+                self.failed[i] = e
+            return
+        self.lost_since.pop(i, None)
+        self.out.driver_bytes += serialized_bytes(info)
+        for c in range(self.chunks):
+            self.score(i, c)
+
+    def scored(self, ref) -> None:
+        i, c, a, tried = self.inflight.pop(ref)
+        self.load[a] -= 1
+        if tried != self.attempt[i] or i in self.failed:
+            return  # a chunk of an attempt that was re-run whole
+        try:
+            self.scores[(i, c)] = ray.get(ref)
+        except RayError as e:
+            dead = isinstance(e, RayActorError) and (self.reissue is None or actor_dead(self.rewards[a]))
+            if dead and a in self.live:  # restarts used up: route around it
+                self.live.remove(a)
+                self.out.dead_rewards.append(a)
+            if self.reissue is None or (dead and not self.live):
+                self.failed.setdefault(i, e)
+            elif dead:  # score the chunk on another reward actor
+                self.due[(i, c)] = time.monotonic()
+                self.out.retried_calls += 1
+                self.reissue.log(f"treegrpo_ray: reward actor {a} is gone for good; chunk {c} of sampler call {i} "
+                                 "goes to another")
+            elif not self.lost(i, -1 if isinstance(e, ObjectLostError) else c, e, "a reward chunk"):
+                self.failed.setdefault(i, e)  # (ObjectLostError: the leaves went with the sampler's node)
+            return
+        self.out.driver_bytes += serialized_bytes(self.scores[(i, c)])
+
+    def lost(self, i: int, c: int, e: BaseException, who: str) -> bool:
+        """Schedule a retry of call i (c = -1) or of its chunk c; False if this loss is not retried."""
+        if self.reissue is None or not isinstance(e, LOST):
+            return False
+        now = time.monotonic()
+        first = self.lost_since.setdefault(i, now)
+        if now - first > self.reissue.wait_s:
+            raise NodeLost(f"{who} of sampler call {i} has been lost for {now - first:.0f} s (pools.lost_node_wait_s="
+                           f"{self.reissue.wait_s:g}): its node is gone and no node with the pool's resources came "
+                           f"back. Last error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        wait = min(10.0, 1.0 * 2 ** min(self.out.retried_calls, 4))
+        self.due[(i, c)] = now + wait
+        self.out.retried_calls += 1
+        self.reissue.log(f"treegrpo_ray: {who} of sampler call {i} lost ({type(e).__name__}); "
+                         f"{'re-scoring the chunk' if c >= 0 else 're-running the call'} in {wait:.0f} s "
+                         f"(waits up to {self.reissue.wait_s:g} s for Ray to bring the actor back)")
+        return True
+
+    def reissue_due(self) -> None:
+        """Run again what is due: a whole call (fresh refs; its earlier chunks' results ignored) or a chunk."""
+        now = time.monotonic()
+        for i, c in [k for k, t in self.due.items() if t <= now]:
+            del self.due[(i, c)]
+            if c < 0:
+                self.attempt[i] += 1
+                self.infos.pop(i, None)
+                for cc in range(self.chunks):
+                    self.scores.pop((i, cc), None)
+                self.calls[i] = list(self.reissue.submit(i))
+                self.waiting[self.calls[i][0]] = i
+            elif i in self.infos and i not in self.failed and (i, -1) not in self.due:
+                self.score(i, c)
 
 
 class NodeLost(RuntimeError):
