@@ -10,10 +10,11 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 tiers=("${@:-default integration}")
 summary=""
 for tier in ${tiers[@]}; do
-    if [[ "$tier" == "integration" ]]; then marks="integration and not slow"; else marks="not slow and not integration"; fi
+    if [[ "$tier" == "integration" ]]; then marks="integration and not slow"; workers=()
+    else marks="not slow and not integration"; workers=(-n 3 --dist loadfile); fi  # as scripts/test.sh
     log=$(mktemp)
     start=$(date +%s)
-    python -m pytest -q -m "$marks" --durations=10 -p no:cacheprovider > "$log" 2>&1
+    python -m pytest -q -m "$marks" "${workers[@]}" --durations=10 -p no:cacheprovider > "$log" 2>&1
     code=$?
     secs=$(( $(date +%s) - start ))
     echo "=== $tier tier: $((secs / 60)) min $((secs % 60)) s (exit $code)"
