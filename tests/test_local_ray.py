@@ -47,10 +47,12 @@ def test_processes_a_killed_drivers_ray_left_are_stopped_by_the_next_run():
     time.sleep(3)                                   # the raylet notices its driver died and exits
     left = holders(session)
     assert left, "Ray left nothing behind: this test no longer sees the leak it guards against"
-    names = {psutil.Process(p).name() for p in left}
-    assert any("Agent" in n for n in names), names  # ray::DashboardAgent / ray::RuntimeEnvAgent
+    agents = [p for p in left if "Agent" in psutil.Process(p).name()]  # ray::DashboardAgent / RuntimeEnvAgent
+    assert agents, {psutil.Process(p).name() for p in left}
     killed = reap_orphans()
-    assert set(left) <= set(killed)
+    assert set(agents) <= set(killed)  # the leak: they outlive the raylet and ignore SIGTERM
+    # the rest were reaped too, or had exited by themselves in the meantime (a loaded machine is slow to)
+    assert all(p in killed or not psutil.pid_exists(p) for p in left), (left, killed)
     deadline = time.monotonic() + 10
     while holders(session) and time.monotonic() < deadline:
         time.sleep(0.2)
