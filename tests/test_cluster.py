@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -213,3 +214,57 @@ def test_gpu_config_runs_as_written_on_the_cluster(name, loopback, tiny_family_p
     assert placed and len(set(placed.groups())) == 4, log[-3000:]
     assert (out / "r" / "export").is_dir()
     print(f"\n--- {name}: the run's log ---\n{log[-2500:]}")
+
+
+# ----------------------------------------------------------------------------- the CLI users run
+
+def test_the_loopback_cli_as_the_readme_runs_it():
+    # `up` in one shell; `kill`, `add`, `down` from another; a driver joins with the printed line
+    import psutil
+    import tempfile
+    root = tempfile.mkdtemp(prefix="trg-cli-")  # short: Ray's socket paths
+    lb = [sys.executable, "-m", "treegrpo_ray.loopback"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    up = subprocess.Popen([*lb, "up", "--root", root], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    lines = []
+
+    def read_until(text: str, timeout: float = 240) -> str:
+        timer = threading.Timer(timeout, up.kill)
+        timer.start()
+        try:
+            for line in up.stdout:
+                lines.append(line)
+                if text in line:
+                    return line
+        finally:
+            timer.cancel()
+        raise AssertionError("".join(lines)[-3000:])
+
+    try:
+        read_until("run on it:")
+        command = read_until("python -m treegrpo_ray.run")
+        assert "pools.sampler.resources.sampler_slot=1" in command and "learner.resources.resources.learner_slot=1" in command
+        joined = dict(kv.split("=", 1) for kv in command.split()[:3])  # RAY_ADDRESS=... RAY_AUTH_MODE=... RAY_AUTH_TOKEN=...
+        assert joined["RAY_AUTH_MODE"] == "token" and joined["RAY_ADDRESS"].startswith("127.0.0.1:")
+        read_until("lose a node:")
+        subprocess.run([*lb, "kill", "sampler", "--root", root], cwd=ROOT, check=True, timeout=60)
+        read_until("node sampler is gone")
+        subprocess.run([*lb, "add", "sampler", "--root", root], cwd=ROOT, check=True, timeout=60)
+        read_until("started a replacement sampler node")
+        # the lost node counts until Ray has missed its heartbeats (~15-30 s here); then head + 3 live nodes
+        probe = ("import ray, time\nray.init()\nt = time.time()\nwhile time.time() - t < 120:\n"
+                 "    r, alive = ray.cluster_resources(), sum(n['Alive'] for n in ray.nodes())\n"
+                 "    if alive == 4 and r.get('sampler_slot') == 1.0:\n        break\n    time.sleep(1)\n"
+                 "print('SLOTS', r.get('sampler_slot'), r.get('reward_slot'), r.get('learner_slot'), alive)")
+        out = subprocess.run([sys.executable, "-c", probe], env={**env, **joined}, capture_output=True, text=True,
+                             timeout=240)
+        assert "SLOTS 1.0 1.0 1.0 4" in out.stdout, out.stdout + out.stderr[-2000:]  # head + 3 live nodes
+        subprocess.run([*lb, "down", "--root", root], cwd=ROOT, check=True, timeout=60)
+        up.wait(timeout=120)
+        assert up.returncode == 0 and "loopback cluster down" in "".join(lines) + up.stdout.read()
+        assert not [p for p in psutil.process_iter(["cmdline"]) if root in " ".join(p.info["cmdline"] or [])]
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            up.wait(timeout=120)
