@@ -75,6 +75,7 @@ def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started:
     it = _Iteration(calls, rewards, chunks, reissue)
     last = time.monotonic()
     while it.waiting or it.inflight or it.due:
+        preemption.check("the iteration's sampling in flight is abandoned")  # a stop signal: see below
         it.reissue_due()
         pending = list(it.waiting) + list(it.inflight)
         if not pending:
@@ -84,7 +85,6 @@ def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started:
         wait_for = min(1.0, timeout_s, *(max(0.0, t - time.monotonic()) for t in it.due.values()))
         ready, _ = ray.wait(pending, num_returns=1, timeout=wait_for)
         if not ready:
-            preemption.check("the iteration's sampling in flight is abandoned")
             if time.monotonic() - last >= timeout_s:
                 raise TimeoutError(f"no sampler or reward result within {timeout_s} s")
             continue
