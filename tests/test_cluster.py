@@ -30,8 +30,8 @@ import torch
 
 from treegrpo_ray.checkpoint import latest_checkpoint, load_checkpoint
 from treegrpo_ray.config import load_config
-from treegrpo_ray.driver import run
 from treegrpo_ray.loopback import LoopbackCluster, NodeSpec, pin_overrides
+from tests.runs import run_on_one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 ITERATIONS = 8
@@ -73,14 +73,8 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def in_process(tiny_sd3_dir, tmp_path_factory):
     """The same run in one process on one thread (the actors' thread count)."""
     out = tmp_path_factory.mktemp("in_process")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", "")
-        torch.set_num_threads(1)
-        try:
-            run(load_config("configs/smoke.yaml", overrides(tiny_sd3_dir, out, "mode=local", "tracking.progress=false")))
-        finally:
-            torch.set_num_threads(threads)
+    run_on_one_thread(load_config("configs/smoke.yaml", overrides(tiny_sd3_dir, out, "mode=local",
+                                                                  "tracking.progress=false")))
     return metrics(f"sqlite:///{out / 'mlflow.db'}")[0], final_weights(out)
 
 

@@ -28,6 +28,7 @@ from treegrpo_ray.actors.ray_system import RaySystem
 from treegrpo_ray.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import load_config
 from treegrpo_ray.driver import run
+from tests.runs import run_on_one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 ITERATIONS = 4
@@ -72,15 +73,8 @@ def uninterrupted(tiny_sd3_dir, tmp_path_factory):
     """Metrics and final weights of the same run with no fault: in-process on one thread (the
     actors' thread count), which the Ray run matches exactly."""
     out = tmp_path_factory.mktemp("uninterrupted")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", "")
-        torch.set_num_threads(1)
-        try:
-            summary = run(smoke_cfg(tiny_sd3_dir, out, "mode=local", f"iterations={ITERATIONS}"))
-        finally:
-            torch.set_num_threads(threads)
-        return {key: metric(summary, key) for key in COMPARED}, final_weights(out)
+    summary = run_on_one_thread(smoke_cfg(tiny_sd3_dir, out, "mode=local", f"iterations={ITERATIONS}"))
+    return {key: metric(summary, key) for key in COMPARED}, final_weights(out)
 
 
 def assert_reproduces(summary, out, uninterrupted, through: int):

@@ -19,7 +19,7 @@ import torch
 
 from treegrpo_ray.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from treegrpo_ray.config import load_config
-from treegrpo_ray.driver import run
+from tests.runs import run_on_one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 ITERATIONS = 5
@@ -61,14 +61,7 @@ def history(out: Path, key: str):
 
 
 def uninterrupted_weights(tiny_sd3_dir, out, *extra):
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", "")
-        torch.set_num_threads(1)
-        try:
-            run(load_config("configs/smoke.yaml", args(tiny_sd3_dir, out, "tracking.progress=false", *extra)))
-        finally:
-            torch.set_num_threads(threads)
+    run_on_one_thread(load_config("configs/smoke.yaml", args(tiny_sd3_dir, out, "tracking.progress=false", *extra)))
     return load_checkpoint(latest_checkpoint(out / "r" / "checkpoints"))[0]
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,10 +53,6 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _free_port() -> int:
-    return _free_ports(1)[0]
 
 
 def _worker_ports(width: int = 64) -> tuple[int, int]:
