@@ -147,8 +147,9 @@ class LearnerConfig:
     epochs: int = doc(1, "passes over an iteration's decisions")
     micro_batch: int = doc(0, "decisions per forward/backward (gradient accumulation); 0 = whole minibatch")
     workers: int = doc(1, "Ray Train data-parallel learner workers")
-    strategy: str = doc("ddp", "ddp | fsdp (full fine-tune of large models; GPU-only, >= 2 GPUs: Ray Train's FSDP "
-                        "refuses CPU; only tests/test_gpu.py exercises it, and it has not run yet)")
+    strategy: str = doc("ddp", "ddp | fsdp (FSDP2: a full fine-tune's weights, gradients and AdamW moments sharded "
+                        "over learner.workers, float32 shards computing in model.dtype; NCCL on GPUs, gloo on CPU, "
+                        "tested on CPU with 2 workers; not with LoRA or kl_beta > 0)")
     gradient_checkpointing: bool = doc(False, "recompute the transformer's activations in backward (diffusers' "
                                        "enable_gradient_checkpointing): less learner memory, ~1 extra forward")
     resources: ResourcesConfig = doc(ResourcesConfig(num_cpus=2.0), "resources of each learner worker (num_cpus = "
@@ -424,8 +425,14 @@ def _validate_learner(cfg: Config) -> None:
     _check(lr.edge_baseline == "none" or cfg.tree.variant == "tree", "learner.edge_baseline",
            f"'parent' compares siblings, and tree.variant={cfg.tree.variant!r} has none (every advantage would be 0)",
            "use learner.edge_baseline=none for flat/mix")
-    _check(lr.strategy == "ddp" or lr.resources.num_gpus > 0, "learner.strategy",
-           "fsdp needs GPUs", "use learner.strategy=ddp on CPU")
+    _check(lr.strategy == "ddp" or cfg.model.lora_rank == 0, "learner.strategy",
+           "fsdp with LoRA: FSDP2 gathers one dtype per shard group, so the float32 adapters would need a float32 base "
+           "(twice the memory of the bf16 base it shards); DDP keeps the bf16 base whole and all-reduces only the "
+           "adapters' gradients (FLUX.1-dev's 23.8 GB base fits one 80 GB GPU)",
+           "use learner.strategy=ddp with LoRA; fsdp is for full fine-tunes (model.lora_rank=0)")
+    _check(lr.strategy == "ddp" or lr.kl_beta == 0, "learner.strategy",
+           "fsdp with learner.kl_beta > 0: the full fine-tune's frozen reference denoiser is not sharded yet, so each "
+           "worker would hold a whole copy beside its shards", "use learner.kl_beta=0 (the paper's setting) with fsdp")
 
 
 def _validate_rewards(cfg: Config) -> None:

@@ -12,12 +12,12 @@ Departures: none in the maths; the update guard (skip non-finite or exploding up
 check that an optimizer step changed the policy's live weights at all (fingerprints before and
 after: an optimizer bound to copies, or a learning rate below the weights' dtype resolution,
 stops the run instead of training nothing). Mixed precision: bf16/fp16 trainable weights are
-stepped through float32 masters (saved in state()); trees older than the learner (max_staleness
+stepped through float32 masters (saved in state()), or, sharded (FSDP2, learning/sharding.py),
+are float32 shards computing in bf16; trees older than the learner (max_staleness
 >= 1) use decoupled PPO or are re-centred on the current means (`stale_correction`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import statistics
@@ -27,6 +27,7 @@ import torch
 from treegrpo_ray.algo.advantages import edge_advantages
 from treegrpo_ray.algo.loss import flow_grpo_kl, grpo_clip_loss, kl_to_reference
 from treegrpo_ray.algo.seeds import iteration_seed
+from treegrpo_ray.learning import sharding
 from treegrpo_ray.models.fingerprint import differing, digest, fingerprint
 from treegrpo_ray.types import TreeBatch
 
@@ -86,6 +87,7 @@ class GRPOLearner:
                  explode_factor: float = 100.0, stale_correction: str = "recenter", cfg_grad: str = "both",
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         self.policy, self.module = policy, module
+        self.sharded = sharding.is_sharded(module)  # FSDP2: the float32 shards are the masters
         self.params = [p for p in policy.trainable_parameters() if p.requires_grad]
         # bf16/fp16 trainable weights train through float32 master copies (mixed precision): the
         # optimizer steps the masters and the model gets them rounded, so steps smaller than the
@@ -247,9 +249,7 @@ class GRPOLearner:
         chunks = rows.split(self.micro_batch) if self.micro_batch else (rows,)
         totals: dict[str, float] = {}
         for i, chunk in enumerate(chunks):
-            sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(self.module, "no_sync") \
-                else self.module.no_sync()
-            with sync:
+            with sharding.no_sync(self.module, i < len(chunks) - 1):  # reduce once, after the last
                 loss, m = self._loss(batch, adv, chunk, device, prox, shift)
                 (loss * chunk.numel() / rows.numel()).backward()
             for k, v in m.items():
@@ -303,7 +303,7 @@ class GRPOLearner:
             for m, p in zip(self.masters, self.params):
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
-        norm = float(torch.nn.utils.clip_grad_norm_(self.masters or self.params, max_norm))
+        norm = sharding.clip_grad_norm(self.masters or self.params, max_norm)
         median = statistics.median(self._norms) if len(self._norms) >= 5 else math.inf
         bad = not math.isfinite(norm) or norm > self.explode_factor * median
         if bad:
@@ -325,14 +325,22 @@ class GRPOLearner:
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "version": self.version,
+        """The optimizer's state in one worker's format (index-keyed; gathered when sharded, a
+        collective then), so any worker count and strategy resumes from it."""
+        optimizer = (sharding.full_optimizer_state(self.module, self.optimizer, self.policy.trainable_names())
+                     if self.sharded else self.optimizer.state_dict())
+        state = {"optimizer": optimizer, "version": self.version,
                  "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "norms": list(self._norms)}
         if self.masters is not None:
             state["masters"] = [m.detach().cpu().clone() for m in self.masters]
         return state
 
     def load_state(self, state: dict) -> None:
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # torch may alias same-device tensors
+        if self.sharded:
+            sharding.load_full_optimizer_state(self.module, self.optimizer, state["optimizer"],
+                                               self.policy.trainable_names())
+        else:
+            self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # torch may alias same-device tensors
         self.version = int(state["version"])
         self.bad_in_a_row, self.skipped_total = int(state["bad_in_a_row"]), int(state["skipped_total"])
         self._norms = [float(x) for x in state["norms"]]

@@ -11,6 +11,11 @@ device, and the values are bit copies, so the sampler's comparison is exact: no 
 whatever device or reduction order. It is a sample, not a hash of every byte: it catches a
 load that binds nothing or the wrong tensors, a dtype or packing error, a stale version, but
 not a corruption confined to unsampled elements.
+
+Sharded tensors (FSDP2's DTensors, dim 0 split over the ranks) are sampled where they lie: each
+rank reads the sampled positions in its own rows and one all-gather of the samples assembles them,
+so the fingerprint of a sharded model equals that of the same model whole (a collective: every
+rank fingerprints the same tensors in the same order).
 """
 from __future__ import annotations
 
@@ -39,7 +44,12 @@ def positions(numel: int, samples: int = SAMPLES) -> torch.Tensor:
 def fingerprint(state: Mapping[str, torch.Tensor]) -> Fingerprint:
     """{name: sampled values (float32, CPU)} of each tensor in `state`."""
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    sharded = {name: t for name, t in state.items() if _is_dtensor(t)}
+    if sharded:
+        by_device[torch.device("cpu")] = list(_sharded_samples(sharded).items())
     for name, t in state.items():
+        if name in sharded:
+            continue
         flat = t.detach().reshape(-1)
         by_device.setdefault(flat.device, []).append((name, flat[positions(flat.numel()).to(flat.device)].float()))
     out = {}
@@ -50,6 +60,43 @@ def fingerprint(state: Mapping[str, torch.Tensor]) -> Fingerprint:
         # and per sampler call for 8 MB of weights, BENCHMARKS.md §14)
         out.update({name: v.clone() for (name, _), v in zip(parts, values)})
     return {name: out[name] for name in state}
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _sharded_samples(state: dict) -> dict[str, torch.Tensor]:
+    """The samples of DTensors sharded on dim 0 over a 1-D mesh (FSDP2), by one all-gather."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+    values, owned, spans = [], [], []
+    for name, t in state.items():
+        if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),) or t.ndim == 0:
+            raise ValueError(f"fingerprint: {name} is sharded as {t.placements} over a {t.device_mesh.ndim}-D mesh; "
+                             "only FSDP2's dim-0 sharding over one mesh dimension is supported")
+        mesh, rows = t.device_mesh, t.shape[0]
+        local = t.to_local().detach().reshape(-1)
+        per_row = t.numel() // rows if rows else 0
+        chunk = -(-rows // mesh.size())  # torch.chunk's rows per rank, as DTensor's Shard(0) splits
+        start = min(mesh.get_local_rank() * chunk, rows) * per_row
+        pos = positions(t.numel())
+        mine = (pos >= start) & (pos < start + local.numel())
+        v = torch.zeros(pos.numel(), dtype=torch.float32, device=local.device)
+        v[mine.to(local.device)] = local[(pos[mine] - start).to(local.device)].float()
+        values.append(v)
+        owned.append(mine.float().to(local.device))
+        spans.append((name, pos.numel()))
+    mine = torch.stack([torch.cat(values), torch.cat(owned)])  # (2, samples)
+    group = next(iter(state.values())).device_mesh.get_group()
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    out = torch.zeros(mine.shape[1])
+    for g in gathered:  # each sample is owned by exactly one rank: copy its value (bits unchanged)
+        g = g.cpu()
+        out = torch.where(g[1] > 0, g[0], out)
+    return dict(zip([n for n, _ in spans], out.split([k for _, k in spans])))
 
 
 def digest(fp: Fingerprint) -> str:

@@ -183,16 +183,30 @@ class DiffusionPolicy:
         params = dict(self.denoiser.named_parameters())
         return [params[n] for n in self._trainable]
 
+    def trainable_names(self) -> list[str]:
+        """Names of the tensors the optimizer steps, in its order."""
+        params = dict(self.denoiser.named_parameters())
+        return [n for n in self._trainable if params[n].requires_grad]
+
     def _broadcast_source(self) -> dict[str, torch.Tensor]:
         if self.lora:
             params = dict(self.denoiser.named_parameters())
             return {n: params[n] for n in self._trainable}
         return self.denoiser.state_dict()
 
+    def broadcast_tensors(self):
+        """(name, whole tensor) of the tensors that training changes (LoRA adapters, or the whole
+        denoiser), one at a time, on the model's device: the denoiser's in `model.dtype` (a sharded
+        learner's float32 shards are gathered and cast: a collective every rank runs), LoRA
+        adapters in float32. The publisher streams these; nothing holds them all at once."""
+        from torch.distributed.tensor import DTensor
+        for name, t in self._broadcast_source().items():
+            t = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+            yield name, (t.to(self.dtype) if not self.lora and t.is_floating_point() and t.dtype != self.dtype else t)
+
     def state_for_broadcast(self) -> dict[str, torch.Tensor]:
-        """The tensors that training changes (LoRA adapters, or the whole denoiser), as
-        contiguous CPU copies (safe to `ray.put` while training goes on)."""
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._broadcast_source().items()}
+        """`broadcast_tensors` as a dict of contiguous CPU copies (safe to keep while training goes on)."""
+        return {k: v.to("cpu", copy=True).contiguous() for k, v in self.broadcast_tensors()}
 
     def live_state(self) -> dict[str, torch.Tensor]:
         """The broadcast tensors looked up by name on the denoiser the forward pass runs (not
@@ -225,8 +239,10 @@ class DiffusionPolicy:
         if expected is not None:
             verify(expected, self.fingerprint(), version=version, where="this policy's denoiser")
 
-    def export(self, out_dir: str | Path) -> Path:
-        """Write the trained result for plain diffusers.
+    def export(self, out_dir: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trained result for plain diffusers. state: the full broadcast state of a
+        sharded learner (gathered by its caller; written through an unsharded copy of the
+        denoiser's class built on the meta device, so no second copy of the weights).
 
         LoRA: `pytorch_lora_weights.safetensors` in out_dir -> `pipe.load_lora_weights(out_dir)`.
         Full: out_dir/<transformer|unet> (`save_pretrained`) -> `DiffusionPipeline.from_pretrained(
@@ -236,7 +252,14 @@ class DiffusionPolicy:
         name = self.family.denoiser_name
         if self.lora:
             return export_lora(type(self.pipeline), self.denoiser, out_dir, denoiser_name=name)
-        self.denoiser.save_pretrained(out_dir / name)
+        if state is None:
+            self.denoiser.save_pretrained(out_dir / name)
+            return out_dir
+        cls = next(c for c in type(self.denoiser).__mro__ if c.__module__.startswith("diffusers."))  # FSDP2 subclasses it
+        with torch.device("meta"):
+            whole = cls.from_config(self.denoiser.config)
+        whole.load_state_dict(state, assign=True)
+        whole.save_pretrained(out_dir / name)
         return out_dir
 
     @contextlib.contextmanager
