@@ -186,6 +186,8 @@ def test_killed_sampler_reward_and_learner_processes_are_restarted_and_their_wor
 
 
 class FakeLearner:
+    sharded = False
+
     def __init__(self, version):
         self.version = version
 
@@ -235,19 +237,6 @@ def test_a_restarted_learner_catches_up_from_the_drivers_checkpoint_or_says_it_c
         _catch_up(envelope(4, str(ckpt)), FakePolicy(), FakeLearner(2))
     with pytest.raises(LearnerBehind, match=r"\(none yet\)"):
         _catch_up(envelope(1, None), FakePolicy(), FakeLearner(0))
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_learner_restored_behind_the_run_stops_with_a_clear_error(tiny_sd3_dir, tmp_path, ray_local, monkeypatch):
-    # No checkpoint until the end (checkpoint.every=0): a worker killed during update 1 restarts
-    # from the initial weights (version 0) while the run is at version 1 -> stop, say how to resume.
-    pids = []
-    kill_learner_during_update(monkeypatch, 1, pids)
-    with pytest.raises(RuntimeError, match=r"restored at weights version 0, but the run is at version 1 and its "
-                                           r"newest checkpoint \(none yet\).*checkpoint.resume=latest"):
-        run(smoke_cfg(tiny_sd3_dir, tmp_path, "mode=ray", "iterations=2", "checkpoint.every=0"))
-    assert list_checkpoints(tmp_path / "r" / "checkpoints") == []
 
 
 # ----------------------------------------------------------------------------- job kill + resume

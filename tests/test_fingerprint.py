@@ -85,7 +85,7 @@ def test_sampler_actor_checks_what_it_pulls_from_the_store(tiny_sd3_dir, tmp_pat
         with torch.no_grad():
             for p in learner_side.trainable_parameters():
                 p.add_(0.01)
-        _publish(store, 1, learner_side)
+        _publish(store, 1, learner_side, 0)
         sampler = SamplerActor(to_dict(cfg), name)
         batch, *_ = sampler.sample(["a red circle"], window_start=0, seed=0)
         assert sampler.version == 1 and batch.policy_version == 1 and batch.extras["weights_verified"] == 1.0
@@ -95,7 +95,7 @@ def test_sampler_actor_checks_what_it_pulls_from_the_store(tiny_sd3_dir, tmp_pat
             for p in learner_side.trainable_parameters():
                 p.add_(0.01)
         v1 = ray.get(store.latest.remote(-1))  # what Pools.launch hands out while version 1 is the newest
-        _publish(store, 2, learner_side)
+        _publish(store, 2, learner_side, 0)
         sampler.sample(["a red circle"], window_start=0, seed=0, weights=v1)  # not newer: nothing loaded
         assert sampler.version == 1 and differing(fingerprint(learner_side.live_state()),
                                                   sampler.policy.fingerprint()) != []

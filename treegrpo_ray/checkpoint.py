@@ -122,10 +122,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def export(policy, location: str | Path) -> str:
+def export(policy, location: str | Path, state: dict | None = None) -> str:
     """policy.export (diffusers' own file layout: a LoRA file, or `transformer/`) written to a
-    local path or URI; returns the location."""
+    local path or URI; returns the location. state: a sharded learner's gathered weights."""
     location = str(location)
     with storage.staged_dir(location) as d:
-        policy.export(d)
+        policy.export(d, state)
     return location

@@ -11,10 +11,11 @@ import os
 import time
 
 import ray
+import ray.exceptions
 import torch
 
 from treegrpo_ray import builders
-from treegrpo_ray.actors.weight_store import reconstructed, unpack_state
+from treegrpo_ray.actors.weight_store import buckets, reconstructed
 from treegrpo_ray.config import from_dict
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import split_leaves
@@ -31,11 +32,21 @@ class SamplerActor:
         self.restarted = reconstructed()  # reported with the next batch, once per restart
 
     def _load(self, weights) -> None:
-        """weights = (version, [ref], fingerprint) as WeightStore.latest gives them, or None."""
-        if weights is not None and weights[0] > self.version:
-            version, (ref,), expected = weights
-            self.policy.load_broadcast_state(unpack_state(ray.get(ref)), expected, version)
-            self.version, self.verified = version, expected is not None
+        """weights = (version, [bucket refs], fingerprint) as WeightStore.latest gives them, or None.
+        Buckets lost with the learner worker that published them: wait (up to
+        pools.lost_node_wait_s) for the restored learner's republish."""
+        deadline = time.monotonic() + self.cfg.pools.lost_node_wait_s
+        while weights is not None and weights[0] > self.version:
+            version, refs, expected = weights
+            try:
+                self.policy.load_broadcast_parts(buckets(refs), expected, version)
+                self.version, self.verified = version, expected is not None
+            except ray.exceptions.ObjectLostError:
+                self.version = -1  # partly loaded: no version until a whole one is in
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2.0)
+                weights = ray.get(self.store.latest.remote(self.version))
 
     def _pull(self) -> None:
         self._load(ray.get(self.store.latest.remote(self.version)))

@@ -35,11 +35,11 @@ import torch
 from treegrpo_ray import builders, storage
 from treegrpo_ray.actors.learner_protocol import (Envelope, Export, Exported, Failed, Ready, Save, Saved, Stop,
                                                   Update, Updated)
-from treegrpo_ray.actors.weight_store import pack_state
+from treegrpo_ray.actors.weight_store import publish
 from treegrpo_ray.checkpoint import export, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import from_dict
+from treegrpo_ray.learning import sharding
 from treegrpo_ray.learning.learner import TrainingDiverged
-from treegrpo_ray.models.fingerprint import fingerprint
 from treegrpo_ray.types import merge_batches
 
 
@@ -59,9 +59,10 @@ def _build(config: dict):
     device = ray.train.torch.get_device() if cfg.learner.resources.num_gpus > 0 else torch.device("cpu")
     policy = builders.build_policy(cfg, device=str(device))
     module = policy.denoiser
-    if world > 1:
-        strategy = "fsdp" if cfg.learner.strategy == "fsdp" else "ddp"
-        module = ray.train.torch.prepare_model(module, parallel_strategy=strategy, move_to_device=False)
+    if cfg.learner.strategy == "fsdp":  # FSDP2 over Ray Train's process group (NCCL on GPUs, gloo on CPU)
+        module = sharding.shard_denoiser(module, device_type=device.type, compute_dtype=policy.dtype)
+    elif world > 1:
+        module = ray.train.torch.prepare_model(module, parallel_strategy="ddp", move_to_device=False)
     learner = builders.build_learner(cfg, policy, module=module, rank=rank, world_size=world)
     path = _restore_path(config)
     if path:
@@ -75,7 +76,10 @@ class LearnerBehind(RuntimeError):
 
 def _load(path: str, policy, learner) -> None:
     model, optim, _ = load_checkpoint(path)
-    policy.load_broadcast_state(model)
+    if learner.sharded:  # each rank keeps its rows of the whole state (the masters, if saved, replace them)
+        sharding.load_full_state(policy.denoiser, model)
+    else:
+        policy.load_broadcast_state(model)
     if optim is not None:
         learner.load_state(optim)
 
@@ -111,9 +115,12 @@ def _catch_up(cmd: Envelope, policy, learner) -> None:
 def learner_loop(config: dict) -> None:
     cfg, rank, policy, learner = _build(config)
     inbox, outbox, store = config["inboxes"][rank], config["outbox"], config["store"]
+    # the store never goes backwards: a group restored behind it republishes once caught up (its
+    # predecessor's rank 0 owned the store's buckets, which went with it)
+    behind = learner.version < ray.get(store.current_version.remote())
+    if not behind:
+        _publish(store, learner.version, policy, rank)
     if rank == 0:
-        if learner.version >= ray.get(store.current_version.remote()):
-            _publish(store, learner.version, policy)
         probe = config.get("probe")
         outbox.put(Ready(version=learner.version, pid=os.getpid(), host=socket.gethostname(),
                          sees_outputs=probe is None or storage.exists(probe),
@@ -128,6 +135,9 @@ def learner_loop(config: dict) -> None:
         done = cmd.seq
         try:
             _catch_up(cmd, policy, learner)
+            if behind:
+                _publish(store, learner.version, policy, rank)
+                behind = False
             reply = _run(cmd, rank, policy, learner, store)
         except (TrainingDiverged, LearnerBehind) as e:
             if rank == 0:
@@ -142,31 +152,48 @@ def _run(cmd: Envelope, rank: int, policy, learner, store):
     c = cmd.command
     if isinstance(c, Update):
         metrics = _apply(c, learner)
+        _publish(store, learner.version, policy, rank)
         if rank == 0:
-            _publish(store, learner.version, policy)
             return Updated(cmd.seq, learner.version, metrics)
     elif isinstance(c, Save):
         path = _save(c, rank, policy, learner)
         return Saved(cmd.seq, str(path)) if rank == 0 else None
     elif isinstance(c, Export):
-        return Exported(cmd.seq, export(policy, c.dir)) if rank == 0 else None
+        state = _gather(policy, rank) if learner.sharded else None
+        return Exported(cmd.seq, export(policy, c.dir, state)) if rank == 0 else None
     else:
         raise TypeError(f"unknown learner command {type(c).__name__}")
     return None
 
 
-def _publish(store, version: int, policy) -> None:
-    state = policy.state_for_broadcast()
-    ray.get(store.publish.remote(version, pack_state(state), fingerprint(state)))
+def _publish(store, version: int, policy, rank: int) -> None:
+    """Rank 0 streams the weights to the store in buckets; under FSDP every rank takes part in
+    gathering each tensor from the shards."""
+    tensors = policy.broadcast_tensors()
+    if rank == 0:
+        publish(store, version, tensors)
+    else:
+        for _ in tensors:
+            pass
+
+
+def _gather(policy, rank: int) -> dict | None:
+    """The whole broadcast state as CPU tensors on rank 0 (None elsewhere; a collective under FSDP)."""
+    state = {}
+    for name, t in policy.broadcast_tensors():
+        if rank == 0:
+            state[name] = t.to("cpu", copy=True).contiguous()
+    return state if rank == 0 else None
 
 
 def _save(c: Save, rank: int, policy, learner):
     """Rank 0 writes the checkpoint (atomically); every rank then reports to Ray Train (a barrier)
     a pointer to it, which is what Ray Train hands back after a worker failure."""
     path = None
+    model_state, optimizer_state = _gather(policy, rank), learner.state()  # collectives under FSDP
     if rank == 0:
-        path = save_checkpoint(c.root, c.iteration, model_state=policy.state_for_broadcast(),
-                               optimizer_state=learner.state(), run_state=c.run_state, keep=c.keep)
+        path = save_checkpoint(c.root, c.iteration, model_state=model_state,
+                               optimizer_state=optimizer_state, run_state=c.run_state, keep=c.keep)
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:

@@ -1,7 +1,17 @@
-"""Versioned weights in the object store. The learner's rank 0 sends each new state here once;
-the store re-puts it (so the object outlives the learner worker that produced it: since Ray 2.56
-a worker cannot hand ownership of its own `ray.put` to another actor) and samplers fetch the
-newest version by reference: one put, N gets. Each version carries the publisher's fingerprint
+"""Versioned weights in the object store, published in buckets.
+
+The learner's rank 0 streams the broadcast tensors (`publish`: one whole tensor at a time, a
+sharded learner gathering each from its shards) into buckets of about BUCKET_BYTES, `ray.put`s
+each bucket and hands the store only the buckets' refs, the version and the fingerprint; samplers
+fetch a version bucket by bucket (`load`), copying each into their live parameters before mapping
+the next. One copy of the weights exists in the object store per node that reads them; no process
+holds a whole second copy in its own memory (BENCHMARKS.md §15 measures the path).
+
+The buckets are owned by the learner's rank 0 (since Ray 2.56 a worker cannot hand ownership of
+its `ray.put` to another actor; the store's old re-put cost a second full copy per version). If
+that worker dies its buckets go with it: the restored learner republishes once it has caught up
+(train_loop), and a sampler that finds a version's buckets lost waits for the republished one
+(SamplerActor._load). Each version carries the publisher's fingerprint
 (treegrpo_ray.models.fingerprint), which samplers check their loaded weights against."""
 from __future__ import annotations
 
@@ -24,6 +34,35 @@ def pack_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, st
         else:
             packed[k] = (t.numpy(), str(t.dtype))
     return packed
+
+
+BUCKET_BYTES = 256 * 2 ** 20
+
+
+def publish(store, version: int, tensors, *, bucket_bytes: int = BUCKET_BYTES) -> int:
+    """Put (name, tensor) pairs into the object store in buckets and publish them as `version`;
+    returns the bytes published. A CPU tensor is not copied before `ray.put` copies it into the
+    object store (which does so before returning, so training may change it afterwards)."""
+    from treegrpo_ray.models.fingerprint import fingerprint
+    refs, bucket, fp, size, total = [], {}, {}, 0, 0
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        fp.update(fingerprint({name: t}))
+        bucket.update(pack_state({name: t}))
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            refs.append(ray.put(bucket))
+            bucket, total, size = {}, total + size, 0
+    if bucket or not refs:
+        refs.append(ray.put(bucket))
+    ray.get(store.publish.remote(version, refs, fp))  # a list: its refs travel unresolved
+    return total + size
+
+
+def buckets(refs: list):
+    """The unpacked buckets of a published version, one at a time (each mapped only while read)."""
+    for ref in refs:
+        yield unpack_state(ray.get(ref))
 
 
 def unpack_state(packed: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
@@ -52,22 +91,23 @@ def reconstructed() -> bool:
 class WeightStore:
     def __init__(self):
         self.version = -1
-        self.ref = None
+        self.refs = None
         self.fingerprint = None
 
-    def publish(self, version: int, state: dict, fingerprint: dict | None = None) -> int:
+    def publish(self, version: int, refs: list, fingerprint: dict | None = None) -> int:
+        """Record `version` as the buckets `refs` (the same version again: a republish after the
+        learner was restored). The previous version's buckets are released."""
         if version < self.version:
             raise ValueError(f"weights version went backwards: {version} after {self.version}")
-        self.version, self.ref = version, ray.put(state)  # the previous version's object is released
-        self.fingerprint = fingerprint
+        self.version, self.refs, self.fingerprint = version, list(refs), fingerprint
         return version
 
     def latest(self, have_version: int = -1):
-        """None if the caller is up to date, else (version, [ref], fingerprint) (the list keeps
-        the ref unresolved)."""
-        if self.ref is None or self.version <= have_version:
+        """None if the caller is up to date, else (version, [bucket refs], fingerprint) (in a list,
+        the refs travel unresolved)."""
+        if self.refs is None or self.version <= have_version:
             return None
-        return self.version, [self.ref], self.fingerprint
+        return self.version, self.refs, self.fingerprint
 
     def current_version(self) -> int:
         return self.version

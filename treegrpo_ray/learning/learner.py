@@ -333,6 +333,14 @@ class GRPOLearner:
                  "bad_in_a_row": self.bad_in_a_row, "skipped_total": self.skipped_total, "norms": list(self._norms)}
         if self.masters is not None:
             state["masters"] = [m.detach().cpu().clone() for m in self.masters]
+        elif self.sharded and self.policy.dtype != torch.float32:  # the float32 shards are the masters
+            masters = []
+            for p in self.params:  # gathered one at a time on every rank; rank 0 keeps them
+                whole = p.full_tensor().detach()
+                if self.rank == 0:
+                    masters.append(whole.cpu())
+            if self.rank == 0:
+                state["masters"] = masters
         return state
 
     def load_state(self, state: dict) -> None:
@@ -344,6 +352,9 @@ class GRPOLearner:
         self.version = int(state["version"])
         self.bad_in_a_row, self.skipped_total = int(state["bad_in_a_row"]), int(state["skipped_total"])
         self._norms = [float(x) for x in state["norms"]]
+        if self.sharded and "masters" in state:  # float32 weights saved beside the bf16 model: the shards' own
+            sharding.load_full_state(self.module, dict(zip(self.policy.trainable_names(), state["masters"])),
+                                     strict=False)
         if self.masters is not None:  # the float32 weights saved with the model they round to
             if "masters" in state and len(state["masters"]) == len(self.masters):
                 with torch.no_grad():

@@ -84,11 +84,11 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 
 
 @torch.no_grad()
-def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_full_state(module: torch.nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Copy a full (unsharded) state into a sharded module: each rank keeps its own rows."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     set_model_state_dict(module, {k: v.float() for k, v in state.items()},
-                         options=StateDictOptions(full_state_dict=True, strict=True))
+                         options=StateDictOptions(full_state_dict=True, strict=strict))
 
 
 def full_optimizer_state(module, optimizer, names: list[str]) -> dict:

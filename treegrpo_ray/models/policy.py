@@ -22,7 +22,6 @@ while the denoiser runs in `dtype`.
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 
 import torch
@@ -221,21 +220,36 @@ class DiffusionPolicy:
     @torch.no_grad()
     def load_broadcast_state(self, state: dict[str, torch.Tensor], expected: Fingerprint | None = None,
                              version: int = -1) -> None:
-        """Copy a `state_for_broadcast()` dict in. Wrong keys or shapes raise ValueError. With the
-        publisher's fingerprint, the live weights are checked against it afterwards
-        (WeightSyncError on any difference)."""
+        """Copy a `state_for_broadcast()` dict in, checked whole first: wrong keys or shapes raise
+        ValueError before any weight changes. With the publisher's fingerprint, the live weights
+        are checked against it afterwards (WeightSyncError on any difference)."""
         target = self._broadcast_source()
         missing, extra = sorted(set(target) - set(state)), sorted(set(state) - set(target))
         if missing or extra:
             raise ValueError(f"broadcast state keys differ from this policy's (lora={self.lora}): "
                              f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                              f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-        bad = [k for k in target if tuple(state[k].shape) != tuple(target[k].shape)]
-        if bad:
-            raise ValueError(f"broadcast state shapes differ for {bad[:3]}: got {tuple(state[bad[0]].shape)}, "
-                             f"expected {tuple(target[bad[0]].shape)}")
-        for k, t in target.items():
-            t.copy_(state[k])
+        self.load_broadcast_parts([state], expected, version)
+
+    @torch.no_grad()
+    def load_broadcast_parts(self, parts, expected: Fingerprint | None = None, version: int = -1) -> None:
+        """Copy the parts (dicts) of a broadcast state into the live weights, one part at a time
+        (the weight store's buckets). A wrong key, shape or a missing tensor raises ValueError; the
+        weights may then be partly loaded (the caller treats them as no version)."""
+        target, seen = self._broadcast_source(), set()
+        for part in parts:
+            for k, v in part.items():
+                if k not in target:
+                    raise ValueError(f"broadcast state has a tensor this policy lacks (lora={self.lora}): {k}")
+                if tuple(v.shape) != tuple(target[k].shape):
+                    raise ValueError(f"broadcast state shapes differ for {k}: got {tuple(v.shape)}, "
+                                     f"expected {tuple(target[k].shape)}")
+                target[k].copy_(v)
+                seen.add(k)
+        missing = sorted(set(target) - seen)
+        if missing:
+            raise ValueError(f"broadcast state keys differ from this policy's (lora={self.lora}): "
+                             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
         if expected is not None:
             verify(expected, self.fingerprint(), version=version, where="this policy's denoiser")
 
