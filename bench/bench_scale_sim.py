@@ -85,7 +85,7 @@ class Pools:
         self.rewards = [ray.remote(SimReward).options(**opts).remote(costs, actor_id=i) for i in range(rewards)]
         self.learner = ray.remote(SimLearner).options(**opts).remote(costs)
         self.version = 0
-        ray.get(self.store.publish.remote(0, {"w": np.zeros(4)}))  # numpy: the stand-ins hold no torch
+        ray.get(self.store.publish.remote(0, [ray.put({"w": np.zeros(4)})]))  # one bucket; numpy: no torch
         ray.get([a.ready.remote() for a in self.samplers + self.rewards] + [self.learner.update.remote(0, 1)])
 
     def launch(self, n: int, setting: Setting, chunks: int, *, prompts_per_sampler: int, window_start: int,
@@ -109,7 +109,7 @@ class Pools:
         decisions = sum(i.num_decisions for i in got.infos)
         learn_s = ray.get(self.learner.update.remote(decisions, learner_workers, got.batches))
         self.version += 1
-        ray.get(self.store.publish.remote(self.version, {"w": np.full(4, float(self.version))}))
+        ray.get(self.store.publish.remote(self.version, [ray.put({"w": np.full(4, float(self.version))})]))
         if nxt is None:
             nxt = self.launch(n, setting, chunks, **plan)
         wall = time.perf_counter() - t0

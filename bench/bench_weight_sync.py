@@ -1,4 +1,5 @@
-"""Weight sync through the WeightStore (issue 8, item 4): publish a state once, fetch it in 1, 2
+"""Weight sync through the WeightStore as it was until issue 34 (it re-put every version; today's
+bucketed path: bench/bench_sync_paths.py, BENCHMARKS.md §15) (issue 8, item 4): publish a state once, fetch it in 1, 2
 and 4 concurrent actors the way SamplerActor does, and compare with an in-process `clone()` of
 the same bytes (the memory-bandwidth limit of this machine).
 
@@ -162,7 +163,7 @@ def run_mode(zero_copy: bool, names: list[str], fetchers: list[int], reps: int, 
     os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1" if zero_copy else "0"
     import ray
 
-    from treegrpo_ray.actors.weight_store import WeightStore
+    from bench.bench_sync_paths import OldStore  # the store this benchmark measured (it re-put; §15 has today's)
 
     torch.set_num_threads(1)
     # Ray warns on every zero-copy put that writers could corrupt the object; measured and
@@ -175,7 +176,7 @@ def run_mode(zero_copy: bool, names: list[str], fetchers: list[int], reps: int, 
              object_store_memory=int(store_gb * 1024 ** 3), runtime_env={"env_vars": env}, log_to_driver=False)
     try:
         actors = [ray.remote(Fetcher).options(num_cpus=0.01).remote() for _ in range(max(fetchers))]
-        store = WeightStore.remote()  # the previous state's object is released by the next publish
+        store = ray.remote(num_cpus=0)(OldStore).remote()  # the previous state's object is released by the next publish
         rows = []
         for name in names:  # one state alive at a time: the 1 GB one needs ~10 GB at its peak
             state = build_states([name])[name]

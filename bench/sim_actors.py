@@ -133,10 +133,10 @@ class SimSampler:
         self.leaves_per_prompt = k ** depth * trees_per_prompt
 
     def _load(self, weights) -> None:
-        """weights = (version, [ref], fingerprint) as WeightStore.latest gives them, or None."""
+        """weights = (version, [bucket refs], fingerprint) as WeightStore.latest gives them, or None."""
         if weights is not None and weights[0] > self.version:
-            version, (ref,), _ = weights
-            ray.get(ref)
+            version, refs, _ = weights
+            ray.get(refs)
             self.version = version
 
     def sample(self, prompts: list[str], window_start: int, seed: int, weights=None):

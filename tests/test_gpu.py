@@ -35,13 +35,14 @@ def test_bf16_on_cuda_rescoring_error(tmp_path, family):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                    reason="learner.strategy=fsdp shards over >= 2 GPUs (FSDP1 refuses CPU; NCCL one rank per GPU)")
+                    reason="learner.strategy=fsdp over NCCL: one rank per GPU, 2 GPUs (CPU/gloo: tests/test_fsdp.py)")
 def test_fsdp_learner_trains_through_ray(tmp_path, ray_local):
     from treegrpo_ray import driver
 
+    # every pool on a share of the 2 GPUs (model.device=cuda needs each pool to ask for one)
     cfg = load_config("configs/smoke.yaml", [
         f"tracking.output_dir={tmp_path}", "tracking.run_name=fsdp", "tracking.progress=false", "model.device=cuda",
-        "learner.workers=2", "learner.strategy=fsdp", "learner.resources.num_gpus=1", "pools.sampler.num_gpus=0",
-        "model.dtype=float32"])
+        "learner.workers=2", "learner.strategy=fsdp", "learner.resources.num_gpus=0.5", "pools.sampler.num_gpus=0.5",
+        "pools.reward.num_gpus=0.25", "model.dtype=bfloat16"])
     summary = driver.run(cfg)
     assert summary["iterations"] == 2 and all(r == r for r in summary["train_rewards"])

@@ -25,7 +25,7 @@ import torch
 def pack_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, str]]:
     """Torch state -> numpy arrays (bf16/fp16 as same-width integer views). Ray hands numpy out
     zero-copy and read-only; its default torch path copies on every get at ~0.6 GB/s
-    (bench/bench_weight_sync.py: 1 GB fetch 1.9 s as torch, 0.28 s as numpy)."""
+    (BENCHMARKS.md §4: 1 GB fetch 1.9 s as torch, 0.28 s as numpy)."""
     packed = {}
     for k, t in state.items():
         t = t.detach().cpu().contiguous()

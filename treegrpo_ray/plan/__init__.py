@@ -10,9 +10,11 @@ pool and per actor/worker, in the dtypes the run uses:
            trainable tensors' gradients and AdamW's two moments in float32 (LoRA adapters are
            float32; a bf16/fp16 full fine-tune adds float32 master weights, whose gradients are
            float32 beside the model's own bf16 ones: learning/learner.py);
-           FSDP shards weights, gradients and moments over learner.workers; activations of
+           FSDP2 (learner.strategy=fsdp) holds float32 shards as the masters, gathers two blocks
+           at a time in model.dtype, shards gradients and moments; activations of
            one micro-batch (x2 rows with CFG), with or without gradient checkpointing
   all      on a GPU, CUDA context + allocator slack (CUDA_RESERVE)
+  sync     bytes per weights version and its time per iteration at stated bandwidths (sync_lines)
 
 Activations are modelled per row as a constant x (tokens x width) elements per block (a UNet:
 per layer of a level, x latent pixels x sum_i channels_i / 4^i over its levels). No tokens^2
@@ -66,6 +68,35 @@ class Plan:
     pools: list[PoolPlan]
     gpu_gib: float
     problems: list[str]
+    sync: list[str] = field(default_factory=list)
+
+
+# Weight sync (actors/weight_store.py: rank 0 streams buckets into its node's object store, each
+# sampler node pulls them once, each sampler copies them to its GPU). Stated bandwidths, GB/s:
+PCIE_GBPS = 20.0       # assumption: PCIe Gen4 x16 device <-> host, effective (D2H on the learner, H2D per sampler)
+MEMCPY_GBPS = 10.0     # assumption: host memcpy into the object store (the one copy a version costs)
+NETWORK_GBPS = 12.5    # assumption: 100 Gb/s between nodes, the learner node's link shared by the sampler nodes
+MEASURED_GBPS = 2.0    # measured here (CPU, one node, 1 GB to 1 sampler end to end: 0.50 s): BENCHMARKS.md §15
+
+
+def sync_lines(cfg: Config, m: ModelFacts) -> list[str]:
+    """Bytes per weights version and the sync time per iteration at the stated bandwidths."""
+    lora = cfg.model.lora_rank > 0
+    nbytes = m.lora_params * 4 if lora else m.denoiser_params * DTYPE_BYTES[cfg.model.dtype]
+    what = "LoRA adapters, float32" if lora else f"whole denoiser, {cfg.model.dtype}"
+    gb, n = nbytes / 1e9, cfg.pools.samplers
+    local = gb / PCIE_GBPS + gb / MEMCPY_GBPS + gb / PCIE_GBPS
+    spread = local + n * gb / NETWORK_GBPS
+    lines = [f"weight sync: {gb:.3f} GB per version ({what}), one version per iteration",
+             f"  {local:6.2f} s  samplers on the learner's node: D2H {gb:.2f}/{PCIE_GBPS:g} + into the object store "
+             f"{gb:.2f}/{MEMCPY_GBPS:g} + H2D {gb:.2f}/{PCIE_GBPS:g} (samplers in parallel)",
+             f"  {spread:6.2f} s  each of the {n} samplers on its own node: + {n} x {gb:.2f}/{NETWORK_GBPS:g} "
+             "through the learner node's link"]
+    if MEASURED_GBPS:
+        lines.append(f"  {gb / MEASURED_GBPS:6.2f} s  at this project's CPU machine's measured {MEASURED_GBPS:g} GB/s "
+                     "end to end (BENCHMARKS.md §15)")
+    lines.append(f"  (assumed: PCIe {PCIE_GBPS:g} GB/s, host memcpy {MEMCPY_GBPS:g} GB/s, network {NETWORK_GBPS:g} GB/s)")
+    return lines
 
 
 def row_tokens(cfg: Config, m: ModelFacts) -> tuple[int, int]:
@@ -161,14 +192,20 @@ def reward_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
 def learner_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
     lr, b, encoders = cfg.learner, DTYPE_BYTES[cfg.model.dtype], sum(n for _, n in m.text_encoders)
     pool = PoolPlan("learner", lr.workers, lr.resources.num_gpus)
-    shard = lr.workers if lr.strategy == "fsdp" else 1
+    fsdp = lr.strategy == "fsdp"
+    shard = lr.workers if fsdp else 1
     lora = cfg.model.lora_rank > 0
     trainable = m.lora_params if lora else m.denoiser_params
-    masters = not lora and b != 4
+    masters = not lora and b != 4 and not fsdp  # FSDP2: the float32 shards are the masters
     tb = 4 + (b if masters else 0)      # float32 gradients (+ the model's own bf16 ones under masters)
     how = f"/{shard} (FSDP)" if shard > 1 else ""
-    pool.items += [(f"denoiser weights{how}", m.denoiser_params * b // shard),
-                   (f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b)]
+    if fsdp:  # float32 shards; each block is gathered in model.dtype for its forward/backward (and the next prefetched)
+        pool.items += [(f"denoiser weights, float32 shards{how}", m.denoiser_params * 4 // shard),
+                       (f"2 gathered blocks in {cfg.model.dtype} (the running one + the prefetched)",
+                        2 * m.denoiser_params // max(m.layers, 1) * b)]
+    else:
+        pool.items.append((f"denoiser weights{how}", m.denoiser_params * b // shard))
+    pool.items.append((f"text encoders ({encoders / 1e9:.2f} B params)", encoders * b))
     if lora:
         pool.items.append((f"LoRA adapters (rank {cfg.model.lora_rank}, {trainable / 1e6:.1f} M params, float32)",
                            trainable * 4))
@@ -199,7 +236,7 @@ def make_plan(cfg: Config, gpu_gib: float = 80.0) -> Plan:
             if pool.total > budget:
                 problems.append(f"{pool.name}: needs {pool.total / GiB:.1f} GiB per actor, its share of a "
                                 f"{gpu_gib:g} GiB GPU is {budget / GiB:.1f} GiB; {_fix(cfg, pool.name)}")
-    return Plan(m, pools, gpu_gib, problems)
+    return Plan(m, pools, gpu_gib, problems, sync_lines(cfg, m))
 
 
 def _fix(cfg: Config, pool: str) -> str:
@@ -229,6 +266,7 @@ def render(plan: Plan) -> str:
             lines.append(f"  {nbytes / GiB:8.2f} GiB  {what}")
         lines.append(f"  {pool.total / GiB:8.2f} GiB  total per {'worker' if pool.name == 'learner' else 'actor'}")
         lines += [f"  {w}" for w in pool.work]
+    lines += plan.sync
     if plan.problems:
         lines += ["does not fit:"] + [f"  {p}" for p in plan.problems]
     else:
