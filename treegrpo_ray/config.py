@@ -21,6 +21,7 @@ from treegrpo_ray import storage
 from treegrpo_ray.algo.tree import FLAT_STEPS, flat_train_count
 from treegrpo_ray.config_parse import ConfigError, _build, _merge, _parse_scalar, _set_dotted
 from treegrpo_ray.rewards.kinds import REWARD_KINDS
+from treegrpo_ray.rewards.kinds import TAKES as REWARD_TAKES
 
 
 def doc(default: Any, help: str, **kw) -> Any:
@@ -105,7 +106,8 @@ class PoolsConfig:
 
 @dataclass(frozen=True)
 class RewardTerm:
-    name: str = doc("miniature", "scorer: miniature | hpsv2 | clipscore | jpeg_compressibility | jpeg_incompressibility")
+    name: str = doc("miniature", "scorer: miniature | miniature_colour | hpsv2 | clipscore | jpeg_compressibility | "
+                    "jpeg_incompressibility")
     weight: float = doc(1.0, "weight in the combined reward")
     checkpoint: str = doc("", "checkpoint file or directory ('' = the scorer's default / HF cache)")
     model_name: str = doc("", "open_clip architecture for hpsv2/clipscore ('' = scorer default)")
@@ -447,6 +449,11 @@ def _validate_rewards(cfg: Config) -> None:
                "clipscore needs a local open_clip checkpoint (nothing is downloaded at run time)",
                "download e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K open_clip_model.safetensors and give its path")
         _check(t.version in ("", "v2.0", "v2.1"), f"rewards.terms.{i}.version", f"{t.version!r} unknown", "use v2.1 or v2.0")
+        for field in ("checkpoint", "model_name", "version"):
+            takes = REWARD_TAKES.get(t.name, ())
+            _check(not getattr(t, field) or field in takes, f"rewards.terms.{i}.{field}",
+                   f"reward {t.name!r} does not take {field} (it takes: {', '.join(takes) or 'only name and weight'})",
+                   f"remove it, e.g. rewards.terms.{i}.{field}=''")
     _check(len(set(names)) == len(names), "rewards.terms", f"duplicate reward names {names}", "list each reward once")
     total = sum(t.weight for t in terms)
     _check(total > 0, "rewards.terms.*.weight", f"weights sum to {total}; the combined reward would be zero or inverted",

@@ -141,3 +141,14 @@ def make_grid(images: torch.Tensor, ncol: int = 8, pad: int = 2) -> np.ndarray:
         r, c = divmod(i, ncol)
         grid[r * (h + pad): r * (h + pad) + h, c * (w + pad): c * (w + pad) + w] = pix[i]
     return grid
+
+
+def log_to_run(uri: str, run_id: str, metrics: dict[str, float], step: int, folder: str | Path,
+               artifact_path: str) -> None:
+    """Add metrics and a folder of files to an existing run without reopening it (its status, e.g.
+    FINISHED or KILLED, stays as the run left it): what `evaluate` does after training."""
+    import mlflow
+    client = mlflow.MlflowClient(uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value, step=step)
+    client.log_artifacts(run_id, str(folder), artifact_path)

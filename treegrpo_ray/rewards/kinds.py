@@ -1,2 +1,11 @@
-"""The reward kinds a config may name (`rewards.terms.N.name`); `reward_model` builds each."""
-REWARD_KINDS = ("miniature", "hpsv2", "clipscore", "jpeg_compressibility", "jpeg_incompressibility")
+"""The reward kinds a config may name (`rewards.terms.N.name`), and which of a term's optional
+fields each takes; `reward_model` builds each (and checks it takes at least these)."""
+TAKES: dict[str, tuple[str, ...]] = {
+    "miniature": ("checkpoint",),
+    "miniature_colour": (),
+    "hpsv2": ("checkpoint", "model_name", "version"),
+    "clipscore": ("checkpoint", "model_name"),
+    "jpeg_compressibility": (),
+    "jpeg_incompressibility": (),
+}
+REWARD_KINDS = tuple(TAKES)

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from treegrpo_ray.rewards.decode import LatentDecoder
-from treegrpo_ray.rewards.kinds import REWARD_KINDS
+from treegrpo_ray.rewards.kinds import REWARD_KINDS, TAKES
 from treegrpo_ray.rewards.scorers import (ClipScoreScorer, HPSv2Scorer, JpegCompressibility, JpegIncompressibility,
-                                          MiniatureScorer, Scorer, check_batch)
+                                          MiniatureColourScorer, MiniatureScorer, Scorer,
+                                          check_batch)
 
 # kind -> (scorer class, spec field -> constructor argument, takes device, takes dtype)
 _KINDS = {
@@ -35,9 +36,12 @@ _KINDS = {
     "jpeg_compressibility": (JpegCompressibility, {"quality": "quality", "batch_size": "batch_size"}, False, False),
     "jpeg_incompressibility": (JpegIncompressibility, {"quality": "quality", "batch_size": "batch_size"}, False, False),
     "miniature": (MiniatureScorer, {"checkpoint": "reward_dir", "batch_size": "batch_size"}, True, False),
+    "miniature_colour": (MiniatureColourScorer, {"batch_size": "batch_size"}, False, False),
 }
 if set(_KINDS) != set(REWARD_KINDS):  # one list of names for config validation and for building
     raise ImportError(f"reward kinds disagree: built {sorted(_KINDS)}, configurable {sorted(REWARD_KINDS)}")
+if any(set(TAKES[k]) - set(_KINDS[k][1]) for k in _KINDS):  # the config admits only fields the kind takes
+    raise ImportError("a reward kind's configurable fields (kinds.TAKES) include one its builder does not take")
 
 
 class RewardModel:

@@ -195,3 +195,41 @@ class MiniatureScorer(Scorer):
                 return self.reward(images.to(self.device), prompts)
         except KeyError as e:                    # a prompt outside the world's closed prompt list
             raise ValueError(f"miniature reward: {e.args[0] if e.args else e}") from e
+
+
+class MiniatureColourScorer(Scorer):
+    """A miniature-world metric that no network computes: the fraction of the prompt's two objects
+    whose colour is right, read off the pixels. In each half of the image the object is the pixels
+    farther than `threshold` (max over channels) from the world's background; its mean colour is
+    matched to the nearest of the world's four colours. Score per image: 0, 0.5 or 1 (a half with no
+    object pixels counts as wrong). The miniature reward model (`miniature`) judges colours and
+    shapes through a CLIP model; this checks the colours alone and cannot be fooled the same way,
+    so it is the miniature's metric a run does not train on (evaluate, `eval_metrics`)."""
+
+    name = "miniature_colour"
+
+    def __init__(self, threshold: float = 0.25, batch_size: int = 256):
+        super().__init__(batch_size)
+        from treegrpo_ray.miniature.world import BACKGROUND, COLOURS
+        self.threshold = threshold
+        self.names = list(COLOURS)
+        self.palette = torch.tensor([COLOURS[c] for c in self.names])          # (4, 3)
+        self.background = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+
+    def _score(self, images, prompts):
+        from treegrpo_ray.miniature.world import parse_prompt
+        try:
+            scenes = [parse_prompt(p) for p in prompts]
+        except ValueError as e:
+            raise ValueError(f"miniature_colour scores miniature-world prompts only: {e}") from e
+        x = images.float().cpu()
+        half = x.shape[-1] // 2
+        right = torch.zeros(x.shape[0])
+        for side, part in (("left", x[..., :half]), ("right", x[..., half:])):
+            mask = (part - self.background).abs().amax(dim=1) > self.threshold           # (B, H, W/2)
+            count = mask.flatten(1).sum(1)                                                # (B,)
+            mean = (part * mask[:, None]).flatten(2).sum(2) / count.clamp_min(1)[:, None]  # (B, 3)
+            nearest = torch.cdist(mean, self.palette).argmin(dim=1)                      # (B,)
+            want = torch.tensor([self.names.index(getattr(s, side).colour) for s in scenes])
+            right += ((nearest == want) & (count > 0)).float()
+        return right / 2
