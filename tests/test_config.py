@@ -73,6 +73,8 @@ BAD = [
     (["learner.kl_beta=-1"], "learner.kl_beta", "must be a finite number >= 0"),
     (["learner.strategy=fsdp", "model.lora_rank=8"], "learner.strategy", "fsdp with LoRA"),
     (["rewards.terms.0.version=v2.1"], "rewards.terms.0.version", "reward 'miniature' does not take version"),
+    (["eval_metrics=[foo]"], "eval_metrics", "unknown reward kind 'foo'"),
+    (["eval_metrics=[miniature]"], "eval_metrics", "a training reward term already"),
     (["rewards.terms.0.name=jpeg_compressibility", "rewards.terms.0.checkpoint=x"], "rewards.terms.0.checkpoint",
      "does not take checkpoint (it takes: only name and weight)"),
     (["learner.strategy=fsdp", "learner.kl_beta=0.01"], "learner.strategy", "reference denoiser is not sharded"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,12 @@ def cli(module: str, *args, cwd) -> subprocess.CompletedProcess:
 
 def test_evaluate_a_run_folder_from_the_cli(tmp_path):
     train = cli("treegrpo_ray.run", "--config", "smoke", "mode=local", "tracking.run_name=r", "eval_prompts=4",
-                cwd=tmp_path)
+                "eval_every=1", cwd=tmp_path)
     assert train.returncode == 0, train.stderr[-3000:]
     run_dir = tmp_path / "outputs" / "r"
+    # during training: the metric it does not train on (eval_metrics=auto: miniature_colour), its drift
+    assert re.search(r"done: eval reward [\d.]+ -> [\d.]+ \| miniature_colour \(not trained on\) [\d.]+ -> [\d.]+ ",
+                     train.stdout), train.stdout[-2000:]
 
     out = cli("treegrpo_ray.evaluate", "outputs/r", "images_per_prompt=1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -57,6 +61,10 @@ def test_evaluate_a_run_folder_from_the_cli(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"  # evaluate adds to the run, it does not reopen it
     assert run.data.metrics["evaluate/held_out/miniature_colour/trained"] == pytest.approx(rows[3]["trained"])
+    steps = {k: [m.step for m in client.get_metric_history(run.info.run_id, k)]
+             for k in ("eval/miniature_colour", "eval_held_out/miniature_colour", "drift/miniature_colour")}
+    assert steps == {"eval/miniature_colour": [0, 1, 2], "eval_held_out/miniature_colour": [0, 1, 2],
+                     "drift/miniature_colour": [1, 2]}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == {
         "evaluation/evaluation.json", "evaluation/evaluation.csv", "evaluation/evaluation.png"}
 
@@ -89,3 +97,31 @@ def test_miniature_colour_by_hand():
     assert torch.isnan(score(nan, prompts)[0]) and score(nan, prompts)[1] == 1.0
     with pytest.raises(ValueError, match="miniature_colour scores miniature-world prompts only"):
         score(images, ["a photo of a cat", prompts[1]])
+
+
+def test_drift_warns_only_when_the_reward_rises_and_a_watched_metric_falls_beyond_its_noise():
+    from treegrpo_ray.drift import DriftWatch
+    watch = DriftWatch(["colour"])
+    first = {"reward": torch.tensor([0.2, 0.3, 0.4, 0.5]), "colour": torch.tensor([1.0, 1.0, 0.5, 1.0])}
+    assert watch.observe(first) == ({}, None)  # the baseline
+    # reward +0.1 on every image; colour -0.5 on every image but one: mean -0.375, s.e. 0.125 -> beyond 2 s.e.
+    m, line = watch.observe({"reward": first["reward"] + 0.1, "colour": torch.tensor([0.5, 0.5, 0.0, 1.0])})
+    assert m["drift/reward"] == pytest.approx(0.1) and m["drift/colour"] == pytest.approx(-0.375)
+    assert m["drift/colour_stderr"] == pytest.approx(0.125)
+    assert line and "possible reward hacking" in line and "colour -0.3750 ± 0.1250" in line
+    # a fall within 2 s.e. (one image of four): no warning
+    assert watch.observe({"reward": first["reward"] + 0.1, "colour": torch.tensor([1.0, 1.0, 0.5, 0.0])})[1] is None
+    # the reward fell too: a collapse, not hacking
+    assert watch.observe({"reward": first["reward"] - 0.1, "colour": torch.tensor([0.5, 0.5, 0.0, 0.0])})[1] is None
+    assert DriftWatch([]).observe(first) == ({}, None)
+
+
+def test_miniature_colour_on_other_prompts_stops_at_preflight():
+    from treegrpo_ray import builders
+    from treegrpo_ray.config import load_config
+    from treegrpo_ray.config_parse import ConfigError
+    cfg = load_config("smoke", ["prompts=configs/prompts/example_prompts.txt", "eval_metrics=[miniature_colour]"])
+    with pytest.raises(ConfigError, match="miniature_colour scores the miniature world's prompts only"):
+        builders.preflight(cfg)
+    assert builders.eval_metrics(load_config("smoke", ["prompts=configs/prompts/example_prompts.txt"])) == []
+    assert builders.eval_metrics(load_config("smoke", [])) == ["miniature_colour"]

@@ -90,7 +90,16 @@ def build_reward_model(cfg: Config, device: str | None = None):
     for t in cfg.rewards.terms:  # empty strings mean "the scorer's default": not passed on
         extra = {k: v for k, v in (("checkpoint", t.checkpoint), ("model_name", t.model_name), ("version", t.version)) if v}
         specs.append(dict(name=t.name, weight=t.weight, **extra))
-    return build(specs, pipeline_path(cfg), device=device or resolve_device(cfg.model.device))
+    watched = eval_metrics(cfg)
+    specs += [dict(name=m, weight=0.0) for m in watched]
+    return build(specs, pipeline_path(cfg), device=device or resolve_device(cfg.model.device), eval_only=watched)
+
+
+def eval_metrics(cfg: Config) -> list[str]:
+    """The kinds evaluation scores beside the training terms (config `eval_metrics`, auto resolved)."""
+    if "auto" in cfg.eval_metrics:
+        return ["miniature_colour"] if cfg.prompts in MINIATURE_PROMPTS else []
+    return list(cfg.eval_metrics)
 
 
 def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size: int = 1):
@@ -139,7 +148,15 @@ def check_family(cfg: Config, pipeline_class: str | None) -> None:
 
 def preflight(cfg: Config) -> None:
     """File-system checks that need no model load: run before any cluster is allocated."""
-    load_prompts(cfg, "train")
+    prompts = load_prompts(cfg, "train")
+    if "miniature_colour" in eval_metrics(cfg) + [t.name for t in cfg.rewards.terms]:
+        from treegrpo_ray.miniature.world import parse_prompt
+        try:
+            for p in prompts:
+                parse_prompt(p)
+        except ValueError as e:
+            raise ConfigError(f"miniature_colour scores the miniature world's prompts only ({e}); drop it from "
+                              "eval_metrics / rewards.terms, or train on prompts=miniature") from None
     path = pipeline_path(cfg)
     looks_local = path.startswith(("/", "./", "../", "~"))  # anything else may be a hub id
     if cfg.model.pretrained == "miniature" and not Path(path, "model_index.json").is_file():

@@ -204,6 +204,10 @@ class Config:
                           "miniature, its held-out prompts; 0 = never")
     eval_prompts: int = doc(16, "training prompts per evaluation (the first N)")
     eval_images_per_prompt: int = doc(2, "ODE samples per prompt per evaluation (each from its own noise)")
+    eval_metrics: tuple[str, ...] = doc(("auto",), "reward kinds each evaluation also scores but the run does not "
+                                        "train on (eval/<kind>): the run warns when its reward rises while one of "
+                                        "these falls (drift.py). auto = miniature_colour for the miniature's "
+                                        "prompts, none otherwise; [] = none")
     max_staleness: int = doc(0, "accept trees grown by weights at most this many versions old; 0 = on-policy")
     mode: str = doc("ray", "ray (actors + Ray Train) | local (everything in this process, for debugging/tests)")
     ray_address: str = doc("", "Ray cluster address; '' = $RAY_ADDRESS, else start a local instance")
@@ -439,6 +443,13 @@ def _validate_learner(cfg: Config) -> None:
 
 def _validate_rewards(cfg: Config) -> None:
     terms = cfg.rewards.terms
+    for m in cfg.eval_metrics:
+        _check(m == "auto" or m in REWARD_KINDS, "eval_metrics", f"unknown reward kind {m!r}",
+               f"use kinds from {', '.join(REWARD_KINDS)}, or [] for none")
+        _check(m not in [t.name for t in terms], "eval_metrics", f"{m} is a training reward term already",
+               "list only kinds the run does not train on")
+        _check(m != "clipscore", "eval_metrics", "clipscore needs its open_clip checkpoint",
+               "score it after training: python -m treegrpo_ray.evaluate <run dir> metrics=[...]")
     _check(len(terms) >= 1, "rewards.terms", "no reward terms", "name at least one, e.g. [{name: miniature}]")
     names = [t.name for t in terms]
     for i, t in enumerate(terms):
@@ -449,11 +460,11 @@ def _validate_rewards(cfg: Config) -> None:
                "clipscore needs a local open_clip checkpoint (nothing is downloaded at run time)",
                "download e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K open_clip_model.safetensors and give its path")
         _check(t.version in ("", "v2.0", "v2.1"), f"rewards.terms.{i}.version", f"{t.version!r} unknown", "use v2.1 or v2.0")
-        for field in ("checkpoint", "model_name", "version"):
+        for key in ("checkpoint", "model_name", "version"):
             takes = REWARD_TAKES.get(t.name, ())
-            _check(not getattr(t, field) or field in takes, f"rewards.terms.{i}.{field}",
-                   f"reward {t.name!r} does not take {field} (it takes: {', '.join(takes) or 'only name and weight'})",
-                   f"remove it, e.g. rewards.terms.{i}.{field}=''")
+            _check(not getattr(t, key) or key in takes, f"rewards.terms.{i}.{key}",
+                   f"reward {t.name!r} does not take {key} (it takes: {', '.join(takes) or 'only name and weight'})",
+                   f"remove it, e.g. rewards.terms.{i}.{key}=''")
     _check(len(set(names)) == len(names), "rewards.terms", f"duplicate reward names {names}", "list each reward once")
     total = sum(t.weight for t in terms)
     _check(total > 0, "rewards.terms.*.weight", f"weights sum to {total}; the combined reward would be zero or inverted",

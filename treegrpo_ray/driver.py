@@ -31,6 +31,7 @@ from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
 from treegrpo_ray.checkpoint import STATE_FILE, latest_checkpoint, read_run_state
 from treegrpo_ray.config import Config, ConfigError, flatten, groups_per_iteration, to_dict
 from treegrpo_ray.diagnose import diagnose
+from treegrpo_ray.drift import DriftWatch
 from treegrpo_ray.algo.combine import combine_rewards
 from treegrpo_ray.system import Collected, SampleRequest, System, concat_rewards
 from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
@@ -144,20 +145,24 @@ def progress_line(it: int, total: int, m: dict[str, float], left_s: float | None
             + (f" | eta {eta(left_s)}" if left_s is not None else ""))
 
 
-def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]):
     """ODE samples at a fixed seed: `eval/*` on (training) `prompts`, what RL optimises, and
-    `eval_held_out/*` on prompts it never trains on, which says whether the gain generalises."""
+    `eval_held_out/*` on prompts it never trains on, which says whether the gain generalises; both
+    also score the metrics the run does not train on (eval_metrics). -> (means, the grid's images,
+    per-image "reward" and watched metrics on the training prompts, for drift.DriftWatch)."""
     weights = builders.reward_weights(cfg)
-    out, images = {}, None
+    out, images, per_image = {}, None, {}
     for prefix, ps in (("eval", prompts), ("eval_held_out", held_out)):
         if not ps:
             continue
         scores, imgs = system.evaluate(ps * cfg.eval_images_per_prompt, EVAL_SEED)  # row i: its own noise
         images = imgs if images is None else images
-        combined = sum(weights[n] * scores[n].float() for n in scores) / sum(weights.values())
+        combined = sum(weights[n] * scores[n].float() for n in weights) / sum(weights.values())
         out.update({f"{prefix}/{n}": float(s.float().nanmean()) for n, s in scores.items()})
         out[f"{prefix}/reward"] = float(combined.nanmean())
-    return out, images
+        if prefix == "eval":
+            per_image = {"reward": combined, **{n: s for n, s in scores.items() if n not in weights}}
+    return out, images, per_image
 
 
 # ----------------------------------------------------------------------------- run setup
@@ -291,8 +296,10 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     try:
         system = build_system(cfg, paths.resume_from)
         preemption.install()  # after Ray's own SIGTERM handler (build_system starts Ray): ours replaces it
+        watch = DriftWatch(builders.eval_metrics(cfg))
         if start == 0 and cfg.eval_every and not paths.resume_from:  # (a resume at 0: stopped before iteration 1)
-            m, images = evaluate(cfg, system, eval_prompts, held_out)
+            m, images, per_image = evaluate(cfg, system, eval_prompts, held_out)
+            watch.observe(per_image)
             tracker.log(m, step=0)
             tracker.log_image(images, "samples/eval", step=0)
             report.save_grid(paths.run_dir, 0, images)  # the "before" half of samples.png
@@ -304,8 +311,11 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             handle, m = iteration(cfg, system, handle, train_prompts, it, stats)  # Preempted: sampling abandoned
             step = it + 1
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iterations):
-                em, images = evaluate(cfg, system, eval_prompts, held_out)
-                m.update(em)
+                em, images, per_image = evaluate(cfg, system, eval_prompts, held_out)
+                drift, warning = watch.observe(per_image)
+                m.update(em | drift)
+                if warning:
+                    print(warning, file=out, flush=True)
                 if cfg.tracking.sample_grid_every and (step % cfg.tracking.sample_grid_every == 0 or
                                                        step == cfg.iterations) and step > logged:
                     tracker.log_image(images, "samples/eval", step=step)
@@ -333,7 +343,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             system.close()
         preemption.uninstall()
         tracker.end(status)
-    return summarize(history, paths, tracker, export_dir) | extra
+    return summarize(history, paths, tracker, export_dir, builders.eval_metrics(cfg)) | extra
 
 
 def save(cfg: Config, system, paths: RunPaths, tracker, step: int, stats: RunningPromptStats | None) -> None:
@@ -391,9 +401,10 @@ def pool_diagnosis(cfg: Config, history: list[dict]) -> str:
 
 def figures(cfg: Config, paths: RunPaths, tracker) -> list[str]:
     """reward_curve.png and samples.png into the run dir, and into the MLflow run."""
-    history = tracker.history([k for k, _ in report.CURVES] + [report.TIME_KEY])
+    curves = report.CURVES + tuple((f"eval/{m}", f"eval: {m} (not trained on)") for m in builders.eval_metrics(cfg))
+    history = tracker.history([k for k, _ in curves] + [report.TIME_KEY])
     title = f"{cfg.tree.variant}, {storage.name(paths.run_dir)}"
-    written = report.write(paths.run_dir, history, cfg.iterations, title)
+    written = report.write(paths.run_dir, history, cfg.iterations, title, curves)
     for location in written:
         tracker.log_bytes(storage.read_bytes(location), storage.name(location), "report")
     return written
@@ -466,11 +477,11 @@ def result_lines(cfg: Config, summary: dict) -> list[str]:
     return lines
 
 
-def summarize(history: list[dict], paths: RunPaths, tracker, export_dir: str) -> dict:
+def summarize(history: list[dict], paths: RunPaths, tracker, export_dir: str, watched: list[str] = ()) -> dict:
     evals = [h["eval/reward"] for h in history if "eval/reward" in h]
     held = [h["eval_held_out/reward"] for h in history if "eval_held_out/reward" in h]
     train = [h["reward/combined"] for h in history if "reward/combined" in h and not math.isnan(h["reward/combined"])]
-    return {"run_dir": redact_uri(paths.run_dir), "export_dir": redact_uri(export_dir),
+    return {"not_trained_on": {m: [h[f"eval/{m}"] for h in history if f"eval/{m}" in h] for m in watched},"run_dir": redact_uri(paths.run_dir), "export_dir": redact_uri(export_dir),
             "mlflow_run_id": tracker.run_id, "mlflow_uri": redact_uri(tracker.uri),
             "eval_rewards": evals, "eval_held_out_rewards": held, "train_rewards": train, "iterations": len(train),
             "iter_s": [h["time/iter_s"] for h in history if "time/iter_s" in h]}

@@ -76,7 +76,8 @@ class LocalSystem:
 
     def evaluate(self, prompts: list[str], seed: int):
         latents = ode_sample(self.policy, prompts, num_steps=self.cfg.tree.num_steps, seed=seed)
-        return self.rewards.score_latents(latents, prompts), self.rewards.decoder.decode(latents[:EVAL_GRID_IMAGES])
+        return (self.rewards.score_latents(latents, prompts, evaluation=True),
+                self.rewards.decoder.decode(latents[:EVAL_GRID_IMAGES]))
 
     def save(self, root, iteration: int, run_state: dict, keep: int):
         return save_checkpoint(root, iteration, model_state=self.policy.state_for_broadcast(),

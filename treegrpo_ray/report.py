@@ -41,7 +41,8 @@ def save_grid(run_dir: str, step: int, images: torch.Tensor) -> str:
     return location
 
 
-def series(history: dict[str, list[tuple[int, float]]]) -> dict[str, tuple[list[int], list[float], list[float]]]:
+def series(history: dict[str, list[tuple[int, float]]],
+           curves=CURVES) -> dict[str, tuple[list[int], list[float], list[float]]]:
     """{metric: (steps, training seconds at each step, values)} for the CURVES present. Training
     seconds at step s = sum of time/iter_s over steps 1..s (step 0, before training, is 0 s)."""
     per_step = dict(history.get(TIME_KEY, []))
@@ -50,7 +51,7 @@ def series(history: dict[str, list[tuple[int, float]]]) -> dict[str, tuple[list[
         total += per_step[step]
         elapsed[step] = total
     out = {}
-    for key, _ in CURVES:
+    for key, _ in curves:
         points = sorted(history.get(key, []))
         if points:
             steps = [s for s, _ in points]
@@ -58,14 +59,14 @@ def series(history: dict[str, list[tuple[int, float]]]) -> dict[str, tuple[list[
     return out
 
 
-def curve_png(history: dict[str, list[tuple[int, float]]], title: str = "") -> bytes:
+def curve_png(history: dict[str, list[tuple[int, float]]], title: str = "", curves=CURVES) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = series(history)
+    data = series(history, curves)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for key, label in CURVES:
+    for key, label in curves:
         if key in data:
             steps, seconds, values = data[key]
             style = dict(marker="o" if len(steps) < 40 else None, markersize=3, label=label)
@@ -108,12 +109,14 @@ def comparison_png(before: bytes, after: bytes, labels: tuple[str, str]) -> byte
     return buf.getvalue()
 
 
-def write(run_dir: str, history: dict[str, list[tuple[int, float]]], last_step: int, title: str = "") -> list[str]:
-    """Write reward_curve.png and (if both grids exist) samples.png into run_dir; returns their locations."""
+def write(run_dir: str, history: dict[str, list[tuple[int, float]]], last_step: int, title: str = "",
+          curves=CURVES) -> list[str]:
+    """Write reward_curve.png (`curves`: (metric, label) pairs) and (if both grids exist) samples.png
+    into run_dir; returns their locations."""
     written = []
-    if any(history.get(k) for k, _ in CURVES):
+    if any(history.get(k) for k, _ in curves):
         location = storage.join(run_dir, "reward_curve.png")
-        storage.write_bytes(location, curve_png(history, title))
+        storage.write_bytes(location, curve_png(history, title, curves))
         written.append(location)
     first, last = grid_location(run_dir, 0), grid_location(run_dir, last_step)
     if last_step > 0 and storage.exists(first) and storage.exists(last):

@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     evals = summary["eval_rewards"]
     shown = (f"eval reward {evals[0]:.3f} -> {evals[-1]:.3f}" if len(evals) > 1 else
              f"eval reward {evals[0]:.3f} (evaluated once)" if evals else "not evaluated (eval_every=0)")
-    print(f"done: {shown} over {summary['iterations']} iterations | outputs in {summary['run_dir']}")
+    watched = "".join(f" | {m} (not trained on) {v[0]:.3f} -> {v[-1]:.3f}"
+                      for m, v in summary.get("not_trained_on", {}).items() if len(v) > 1)
+    print(f"done: {shown}{watched} over {summary['iterations']} iterations | outputs in {summary['run_dir']}")
     for line in result_lines(cfg, summary):
         print(line)
     if args.summary_json:

@@ -95,7 +95,8 @@ class Pools:
 
     def evaluate(self, prompts: list[str], seed: int):
         latents = self.samplers[0].evaluate.remote(prompts, seed)
-        scores, _, restarted, images, _ = ray.get(self.rewards[0].score.remote(latents, prompts, EVAL_GRID_IMAGES))
+        scores, _, restarted, images, _ = ray.get(self.rewards[0].score.remote(latents, prompts, EVAL_GRID_IMAGES,
+                                                                               True))
         self.eval_restarts += int(restarted)
         return scores, images
 

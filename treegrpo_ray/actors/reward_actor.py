@@ -20,11 +20,12 @@ class RewardActor:
         self.model = builders.build_reward_model(self.cfg)
         self.restarted = reconstructed()  # reported with the next result, once per restart
 
-    def score(self, latents: torch.Tensor, prompts: list[str], num_images: int = 0):
+    def score(self, latents: torch.Tensor, prompts: list[str], num_images: int = 0, evaluation: bool = False):
         """-> (rewards per scorer, busy seconds, restarted since the last call?, first `num_images`
-        decoded images, seconds per part {"decode": s, <scorer>: s, ...})."""
+        decoded images, seconds per part {"decode": s, <scorer>: s, ...}). evaluation: also the
+        metrics the run does not train on (eval_metrics)."""
         t0 = time.perf_counter()
-        scores, metrics = self.model.score_latents_with_metrics(latents, prompts)
+        scores, metrics = self.model.score_latents_with_metrics(latents, prompts, evaluation)
         images = self.model.decoder.decode(latents[:num_images]) if num_images else None
         restarted, self.restarted = self.restarted, False
         return scores, time.perf_counter() - t0, restarted, images, timings(metrics)

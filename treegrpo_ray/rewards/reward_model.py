@@ -49,7 +49,7 @@ class RewardModel:
     (default 1.0 each). `score_*` return name -> (B,) CPU float32 scores, NaN kept visible."""
 
     def __init__(self, decoder: LatentDecoder | None, scorers: Mapping[str, Scorer],
-                 weights: Mapping[str, float] | None = None):
+                 weights: Mapping[str, float] | None = None, eval_only=()):
         if not scorers:
             raise ValueError("RewardModel needs at least one scorer")
         self.decoder = decoder
@@ -57,24 +57,29 @@ class RewardModel:
         self.weights = {n: 1.0 for n in self.scorers} if weights is None else {n: float(w) for n, w in weights.items()}
         if set(self.weights) != set(self.scorers):
             raise ValueError(f"weights name {sorted(self.weights)} but the scorers are {sorted(self.scorers)}")
+        self.eval_only = set(eval_only)  # scored only when evaluating (metrics the run does not train on)
+        if self.eval_only - set(self.scorers):
+            raise ValueError(f"eval_only names {sorted(self.eval_only - set(self.scorers))}, which are not scorers")
 
     @property
     def names(self) -> list[str]:
         return list(self.scorers)
 
-    def score_images_with_metrics(self, images: torch.Tensor,
-                                  prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def score_images_with_metrics(self, images: torch.Tensor, prompts: list[str],
+                                  evaluation: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         check_batch(images, prompts)
         scores, metrics = {}, {}
         for name, scorer in self.scorers.items():
+            if name in self.eval_only and not evaluation:
+                continue
             t0 = time.perf_counter()
             scores[name] = scorer(images, prompts)                         # (B,)
             metrics[f"time/reward/{name}_s"] = time.perf_counter() - t0
             metrics[f"reward/{name}/nonfinite"] = float((~torch.isfinite(scores[name])).sum())
         return scores, metrics
 
-    def score_latents_with_metrics(self, latents: torch.Tensor,
-                                   prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def score_latents_with_metrics(self, latents: torch.Tensor, prompts: list[str],
+                                   evaluation: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         if self.decoder is None:
             raise ValueError("this RewardModel has no decoder: build it with a pipeline path to score latents")
         if latents.dim() != 4 or len(prompts) != latents.shape[0]:
@@ -83,15 +88,16 @@ class RewardModel:
         t0 = time.perf_counter()
         images = self.decoder.decode(latents)                              # (B, 3, H, W)
         decode_s = time.perf_counter() - t0
-        scores, metrics = self.score_images_with_metrics(images, prompts)
+        scores, metrics = self.score_images_with_metrics(images, prompts, evaluation)
         metrics["time/reward/decode_s"] = decode_s
         return scores, metrics
 
-    def score_images(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.score_images_with_metrics(images, prompts)[0]
+    def score_images(self, images: torch.Tensor, prompts: list[str], evaluation: bool = False) -> dict[str, torch.Tensor]:
+        return self.score_images_with_metrics(images, prompts, evaluation)[0]
 
-    def score_latents(self, latents: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.score_latents_with_metrics(latents, prompts)[0]
+    def score_latents(self, latents: torch.Tensor, prompts: list[str],
+                      evaluation: bool = False) -> dict[str, torch.Tensor]:
+        return self.score_latents_with_metrics(latents, prompts, evaluation)[0]
 
 
 def timings(metrics: dict[str, float]) -> dict[str, float]:
@@ -128,7 +134,7 @@ def build_scorer(spec, *, device="cpu", dtype: torch.dtype = torch.float32) -> t
 
 
 def build_reward_model(specs, pipeline_path: str | Path | None, device="cpu", *, dtype: torch.dtype = torch.float32,
-                       decode_batch_size: int = 16) -> RewardModel:
+                       decode_batch_size: int = 16, eval_only=()) -> RewardModel:
     """Reward specs (see module docstring) + the pipeline whose VAE decodes the leaves -> RewardModel.
     pipeline_path None builds an image-only model (score_images)."""
     specs = list(specs)
@@ -144,4 +150,4 @@ def build_reward_model(specs, pipeline_path: str | Path | None, device="cpu", *,
     if pipeline_path is not None:
         decoder = LatentDecoder.from_pretrained(pipeline_path, device=device, dtype=dtype,
                                                 batch_size=decode_batch_size)
-    return RewardModel(decoder, scorers, weights)
+    return RewardModel(decoder, scorers, weights, eval_only)
