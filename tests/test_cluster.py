@@ -175,8 +175,9 @@ REWARD_SWAP = {  # reward models that need a download -> weight-free rewards, on
     1: "rewards.terms=[{name: jpeg_compressibility}]",
     2: "rewards.terms=[{name: jpeg_compressibility, weight: 0.7}, {name: jpeg_incompressibility, weight: 0.3}]"}
 GPU_CONFIGS = {  # config -> (tiny pipeline, reward terms, further swaps with the reason)
-    "sd35m_hps": ("sd35", 1, []),   # sd35m_hps_clip: the same run with two reward terms, left out for time
-    "flux1dev_hps": ("flux", 1, []),
+    # left out for time: sd35m_hps_clip (this run with two reward terms) and flux1dev_hps (LoRA + DDP as
+    # sd35m_hps, on the FLUX layout that flux1dev_full rehearses)
+    "sd35m_hps": ("sd35", 1, []),
     # FSDP2 over the learner node's 2 slots (8 GPUs' workers -> 2 CPU processes) and 2 reward actors;
     # bf16 compute on float32 shards, gloo, a gathered checkpoint and export, weights published in buckets
     "flux1dev_full": ("flux", 1, ["learner.workers=2", "pools.rewards=2"]),
