@@ -173,6 +173,8 @@ def write(out_dir: Path, result: dict, meta: dict) -> list[Path]:
     writer.writerows(result["rows"])
     (out_dir / "evaluation.csv").write_text(buf.getvalue())
     base, trained = result["grid"]
+    scale = max(1, 128 // base.shape[-1])  # small images (the miniature's 32 px) drawn larger, pixels kept sharp
+    base, trained = (torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") for x in (base, trained))
     (out_dir / "evaluation.png").write_bytes(png(make_grid(torch.cat([base, trained]), ncol=base.shape[0])))
     return [out_dir / f for f in ("evaluation.json", "evaluation.csv", "evaluation.png")]
 

@@ -135,10 +135,11 @@ def learner_loop(config: dict) -> None:
         done = cmd.seq
         try:
             _catch_up(cmd, policy, learner)
-            if behind:
+            if behind and learner.version >= ray.get(store.current_version.remote()):  # else an Update publishes
                 _publish(store, learner.version, policy, rank)
                 behind = False
             reply = _run(cmd, rank, policy, learner, store)
+            behind = behind and not isinstance(cmd.command, Update)  # an update published
         except (TrainingDiverged, LearnerBehind) as e:
             if rank == 0:
                 outbox.put(Failed(cmd.seq, str(e)))
