@@ -157,11 +157,12 @@ def nothing_may_start(monkeypatch):
     ("prompts=configs/prompts/no_such_file.txt", "prompt file .* does not exist"),
     ("model.pretrained=/nonexistent/pipeline", "local directory '/nonexistent/pipeline' does not exist"),
     ("checkpoint.resume=/nonexistent/checkpoints/iter_000010", "is not a checkpoint directory"),
-    ("rewards.terms.0.checkpoint=/nonexistent/hps.pt", r"rewards.terms.0.checkpoint: '/nonexistent/hps.pt' does not"),
+    ("rewards.terms.0.name=hpsv2 rewards.terms.0.checkpoint=/nonexistent/hps.pt",
+     r"rewards.terms.0.checkpoint: '/nonexistent/hps.pt' does not"),
 ])
 def test_missing_files_fail_before_any_actor_starts(tiny_sd3_dir, tmp_path, nothing_may_start, override, message):
     with pytest.raises(ConfigError, match=message):
-        driver.run(smoke_cfg(tiny_sd3_dir, tmp_path, override))
+        driver.run(smoke_cfg(tiny_sd3_dir, tmp_path, *override.split()))
     assert not (tmp_path / "mlflow.db").exists()  # not even an MLflow run was opened
 
 

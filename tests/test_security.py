@@ -174,7 +174,7 @@ def test_default_mlflow_store_is_a_local_file_not_a_server(tmp_path, monkeypatch
 def test_flatten_redacts_secret_keys_and_uri_credentials(tmp_path):
     cfg = smoke(tmp_path, f"tracking.mlflow_uri=https://alice:{SECRET}@mlflow.example.com/",
                 f"ray_address=ray://bob:{SECRET}@head.example.com:10001",
-                f"rewards.terms.0.checkpoint=s3://key:{SECRET}@bucket/hps.pt",
+                "rewards.terms.0.name=hpsv2", f"rewards.terms.0.checkpoint=s3://key:{SECRET}@bucket/hps.pt",
                 f"tracking.output_dir=s3://b/out?endpoint_override=127.0.0.1:9000&access_key=AK&secret_key={SECRET}")
     flat = flatten(cfg)
     assert flat["tracking.mlflow_uri"] == "https://***@mlflow.example.com/"
