@@ -12,10 +12,10 @@ Bytes: each raylet's `ray_object_manager_bytes{Type="Received"}` (Prometheus, it
 summed over the nodes, before and after the run. What the design predicts, with the sizes the run
 logged (perf/leaf_bytes, perf/tree_bytes) and W = the published state (the checkpoint's model file):
     per iteration: leaves (sampler -> reward node) + the rest of the trees (sampler -> learner node)
-                   + W (learner node -> the sampler node, in buckets: its samplers share one node's
-                   copy; the weight store on the head holds only their refs since issue 34), and the
-                   weights' fingerprint F with each publish (to the store) and each sampler call
-    once: version 0's fingerprint; the last version is never pulled.
+                   + W (learner -> the weight store on the head) + W (head -> the sampler node: its
+                   samplers share one node's copy), and the weights' fingerprint F with the publish
+                   and with every sampler call
+    once: version 0's publish; the last version is never pulled.
 Objects under Ray's inline limit (100 KiB) travel inside RPC replies, not through the object manager,
 so the formula counts only objects at or above it; the run's own sizes say which those are.
 """
@@ -84,9 +84,9 @@ def predicted(r: dict, iterations: int, calls: int, sampler_nodes: int = 1) -> f
     leaves = sum(big(b) for b in r["leaf_bytes"])
     rest = sum(big(t - l) for t, l in zip(r["tree_bytes"], r["leaf_bytes"]))
     w, f = big(r["weights_bytes"]), big(r["fingerprint_bytes"])
-    # publishes 0..N send the head their fingerprint (the buckets stay on the learner node); the sampler
-    # node pulls versions 0..N-1 once, and every sampler call carries the fingerprint
-    return leaves + rest + (iterations + 1) * f + iterations * (sampler_nodes * w + calls * f)
+    # publishes 0..N reach the head with their fingerprint; the sampler node pulls versions
+    # 0..N-1 once, and every sampler call carries the fingerprint
+    return leaves + rest + (iterations + 1) * (w + f) + iterations * (sampler_nodes * w + calls * f)
 
 
 def main() -> None:

@@ -4,14 +4,14 @@ The learner's rank 0 streams the broadcast tensors (`publish`: one whole tensor 
 sharded learner gathering each from its shards) into buckets of about BUCKET_BYTES, `ray.put`s
 each bucket and hands the store only the buckets' refs, the version and the fingerprint; samplers
 fetch a version bucket by bucket (`load`), copying each into their live parameters before mapping
-the next. One copy of the weights exists in the object store per node that reads them; no process
-holds a whole second copy in its own memory (BENCHMARKS.md §15 measures the path).
+the next. No process holds a whole second copy in its own memory (BENCHMARKS.md §15 measures the path).
 
-The buckets are owned by the learner's rank 0 (since Ray 2.56 a worker cannot hand ownership of
-its `ray.put` to another actor; the store's old re-put cost a second full copy per version). If
-that worker dies its buckets go with it: the restored learner republishes once it has caught up
-(train_loop), and a sampler that finds a version's buckets lost waits for the republished one
-(SamplerActor._load). Each version carries the publisher's fingerprint
+The store re-puts each bucket as it arrives, so it owns the published version (since Ray 2.56 a
+worker cannot hand ownership of its `ray.put` to another actor): the version outlives a learner
+worker or node lost right after publishing, which samplers may still be loading. That costs a
+second object-store copy of each bucket while the publish runs (the rank-0-owned variant without
+it left samplers waiting on a lost version: BENCHMARKS.md §15). A sampler that finds a version's
+buckets lost all the same waits for a newer one (SamplerActor._load). Each version carries the publisher's fingerprint
 (treegrpo_ray.models.fingerprint), which samplers check their loaded weights against."""
 from __future__ import annotations
 
@@ -99,7 +99,11 @@ class WeightStore:
         learner was restored). The previous version's buckets are released."""
         if version < self.version:
             raise ValueError(f"weights version went backwards: {version} after {self.version}")
-        self.version, self.refs, self.fingerprint = version, list(refs), fingerprint
+        # re-put bucket by bucket so the store owns them: the learner's rank 0, which put them, may be
+        # lost with its node while samplers still need this version (a get here maps the bucket, no
+        # heap copy; the publisher's objects are freed when it returns)
+        owned = [ray.put(ray.get(r)) for r in refs]
+        self.version, self.refs, self.fingerprint = version, owned, fingerprint
         return version
 
     def latest(self, have_version: int = -1):

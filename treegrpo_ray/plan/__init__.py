@@ -76,7 +76,7 @@ class Plan:
 PCIE_GBPS = 20.0       # assumption: PCIe Gen4 x16 device <-> host, effective (D2H on the learner, H2D per sampler)
 MEMCPY_GBPS = 10.0     # assumption: host memcpy into the object store (the one copy a version costs)
 NETWORK_GBPS = 12.5    # assumption: 100 Gb/s between nodes, the learner node's link shared by the sampler nodes
-MEASURED_GBPS = 2.0    # measured here (CPU, one node, 1 GB to 1 sampler end to end: 0.50 s): BENCHMARKS.md §15
+MEASURED_GBPS = 1.45   # measured here (CPU, one node, 1 GB to 1 sampler end to end: 0.689 s): BENCHMARKS.md §15
 
 
 def sync_lines(cfg: Config, m: ModelFacts) -> list[str]:
@@ -85,13 +85,13 @@ def sync_lines(cfg: Config, m: ModelFacts) -> list[str]:
     nbytes = m.lora_params * 4 if lora else m.denoiser_params * DTYPE_BYTES[cfg.model.dtype]
     what = "LoRA adapters, float32" if lora else f"whole denoiser, {cfg.model.dtype}"
     gb, n = nbytes / 1e9, cfg.pools.samplers
-    local = gb / PCIE_GBPS + gb / MEMCPY_GBPS + gb / PCIE_GBPS
-    spread = local + n * gb / NETWORK_GBPS
+    local = gb / PCIE_GBPS + 2 * gb / MEMCPY_GBPS + gb / PCIE_GBPS
+    spread = local + (n + 1) * gb / NETWORK_GBPS
     lines = [f"weight sync: {gb:.3f} GB per version ({what}), one version per iteration",
-             f"  {local:6.2f} s  samplers on the learner's node: D2H {gb:.2f}/{PCIE_GBPS:g} + into the object store "
-             f"{gb:.2f}/{MEMCPY_GBPS:g} + H2D {gb:.2f}/{PCIE_GBPS:g} (samplers in parallel)",
-             f"  {spread:6.2f} s  each of the {n} samplers on its own node: + {n} x {gb:.2f}/{NETWORK_GBPS:g} "
-             "through the learner node's link"]
+             f"  {local:6.2f} s  all on one node: D2H {gb:.2f}/{PCIE_GBPS:g} + into the object store twice (rank 0, "
+             f"then the weight store) 2 x {gb:.2f}/{MEMCPY_GBPS:g} + H2D {gb:.2f}/{PCIE_GBPS:g} (samplers in parallel)",
+             f"  {spread:6.2f} s  learner, weight store and each of the {n} samplers on its own node: + {n + 1} x "
+             f"{gb:.2f}/{NETWORK_GBPS:g} (learner -> store's node -> each sampler node, one link at a time)"]
     if MEASURED_GBPS:
         lines.append(f"  {gb / MEASURED_GBPS:6.2f} s  at this project's CPU machine's measured {MEASURED_GBPS:g} GB/s "
                      "end to end (BENCHMARKS.md §15)")
