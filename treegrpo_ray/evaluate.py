@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 
 from treegrpo_ray.config import ConfigError, from_dict
+from treegrpo_ray.driver import EVAL_SEED
 from treegrpo_ray.rewards.kinds import REWARD_KINDS
 
 R_MAX = {"hpsv2": 1.0, "clipscore": 2.5, "miniature": 1.0, "miniature_colour": 1.0}
-DEFAULT_SEED = 1234  # driver.EVAL_SEED: the same noise the run's periodic evaluation used
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -88,7 +88,7 @@ def options(run_dir: Path, overrides: list[str]) -> dict:
     cfg = replace(cfg, model=replace(cfg.model, device=device))
     return {"cfg": cfg, "checkpoint": str(ckpt), "run_state": state, "sets": sets, "metrics": list(dict.fromkeys(metrics)),
             "images_per_prompt": int(got.get("images_per_prompt", cfg.eval_images_per_prompt)),
-            "seed": int(got.get("seed", DEFAULT_SEED))}
+            "seed": int(got.get("seed", EVAL_SEED))}  # the noise the run's periodic evaluation used
 
 
 def _is_miniature(prompt: str) -> bool:

@@ -33,8 +33,8 @@ class SamplerActor:
 
     def _load(self, weights) -> None:
         """weights = (version, [bucket refs], fingerprint) as WeightStore.latest gives them, or None.
-        Buckets lost with the learner worker that published them: wait (up to
-        pools.lost_node_wait_s) for the restored learner's republish."""
+        Buckets lost all the same (the weight store owns them, so only with its node): wait (up to
+        pools.lost_node_wait_s) for a newer version."""
         deadline = time.monotonic() + self.cfg.pools.lost_node_wait_s
         while weights is not None and weights[0] > self.version:
             version, refs, expected = weights

@@ -115,8 +115,8 @@ def _catch_up(cmd: Envelope, policy, learner) -> None:
 def learner_loop(config: dict) -> None:
     cfg, rank, policy, learner = _build(config)
     inbox, outbox, store = config["inboxes"][rank], config["outbox"], config["store"]
-    # the store never goes backwards: a group restored behind it republishes once caught up (its
-    # predecessor's rank 0 owned the store's buckets, which went with it)
+    # the store never goes backwards: a group restored behind it publishes again once it has caught up
+    # to the store's version (the restored weights then equal the store's, republished bit for bit)
     behind = learner.version < ray.get(store.current_version.remote())
     if not behind:
         _publish(store, learner.version, policy, rank)
