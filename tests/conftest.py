@@ -7,10 +7,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
+# The default tier's longest modules (scripts/suite_report.sh), started first: pytest-xdist's
+# --dist loadfile hands modules to workers in collection order, so a long module collected last
+# (test_system.py, alphabetically) ran alone at the end. Longest first evens the workers out.
+LONGEST_FIRST = ("test_system.py", "test_evaluate.py", "test_plan.py", "test_outputs.py", "test_gpu_check.py",
+                 "test_security.py", "test_cli.py", "test_families.py", "test_miniature_assets.py", "test_guards.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped (and so reported, never counted as passed) without it."""
+    """Longest modules first (see LONGEST_FIRST). `gpu` tests need CUDA: skipped (and so reported,
+    never counted as passed) without it."""
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module stays
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")

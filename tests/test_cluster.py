@@ -174,6 +174,7 @@ CPU_SWAPS = ["model.device=cpu", "model.resolution=32", "pools.sampler.num_gpus=
 REWARD_SWAP = {  # reward models that need a download -> weight-free rewards, one term per term
     1: "rewards.terms=[{name: jpeg_compressibility}]",
     2: "rewards.terms=[{name: jpeg_compressibility, weight: 0.7}, {name: jpeg_incompressibility, weight: 0.3}]"}
+NO_EVAL_METRICS = "eval_metrics=[]"  # the GPU configs' eval metrics (imagereward, aesthetic, clipscore) need downloads too
 GPU_CONFIGS = {  # config -> (tiny pipeline, reward terms, further swaps with the reason)
     # left out for time: sd35m_hps_clip (this run with two reward terms) and flux1dev_hps (LoRA + DDP as
     # sd35m_hps, on the FLUX layout that flux1dev_full rehearses)
@@ -193,7 +194,7 @@ def test_gpu_config_runs_as_written_on_the_cluster(name, loopback, tiny_family_p
     cfg = load_config(name, [])
     out = tmp_path / "out"
     # pin_overrides: the slots `python -m treegrpo_ray.loopback up` tells a config without them to ask for
-    argv = ["--config", name, f"model.pretrained={tiny_family_pipelines[family]}", REWARD_SWAP[terms],
+    argv = ["--config", name, f"model.pretrained={tiny_family_pipelines[family]}", REWARD_SWAP[terms], NO_EVAL_METRICS,
             f"tracking.output_dir={out}", *CPU_SWAPS, *extra, *pin_overrides(cfg)]
     code, log = cli_on(loopback, None, out, argv=argv, timeout=1200)
     assert code == 0, log[-6000:]

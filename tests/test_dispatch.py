@@ -112,12 +112,14 @@ def test_a_dead_reward_actor_gets_no_more_work(cluster):
     ray.get([a.ready.remote() for a in pool])
     ray.kill(pool[0])  # restarts used up: its calls raise RayActorError
     opts = {"num_returns": 2 + CHUNKS}
-    # call 0 (sampler 0, done at ~20 ms) sends chunks to both actors and fails on actor 0; call 1
-    # (sampler 1, 2 prompts) and call 2 (queued behind call 0) finish at ~40 ms, when actor 0 is
-    # idle again but dead and actor 1 is still busy: every chunk must go to actor 1 all the same
+    # call 0 (sampler 0, window 7: done at ~20 ms) sends chunks to both actors and fails on actor 0.
+    # Calls 1 and 2 grow window-0 trees (202 NFE, ~0.2 s each): call 2, queued behind call 0, is done
+    # at ~0.22 s and call 1 (2 prompts) at ~0.4 s, long after actor 0's failure came back (a 20 ms
+    # margin let both land before it on a loaded CI machine). Actor 0 is then idle but dead and actor
+    # 1 may be busy: every chunk must go to actor 1 all the same.
     calls = [samplers[0].sample.options(**opts).remote(["a"], 7, 41),
-             samplers[1].sample.options(**opts).remote(["b", "bb"], 7, 42),
-             samplers[0].sample.options(**opts).remote(["c"], 7, 43)]
+             samplers[1].sample.options(**opts).remote(["b", "bb"], 0, 42),
+             samplers[0].sample.options(**opts).remote(["c"], 0, 43)]
     out = collect_iteration(calls, pool, CHUNKS, started=time.perf_counter(), timeout_s=60)
     assert out.dead_rewards == [0] and out.dropped_trees == 1
     assert [i.extras["seed"] for i in out.infos] == [42.0, 43.0]

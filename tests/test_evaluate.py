@@ -73,7 +73,9 @@ def test_evaluate_a_run_folder_from_the_cli(tmp_path):
     assert json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["rows"] == rows, again.stderr[-2000:]
 
     for args, message in ((["outputs"], "is not a run folder (no config.json)"),
-                          (["outputs/r", "metrics=[aesthetic]"], "metrics: ['aesthetic']"),
+                          (["outputs/r", "metrics=[aesthetics]"], "metrics: ['aesthetics']"),
+                          (["outputs/r", "metrics=[aesthetic]"], "metrics: aesthetic: LAION aesthetic predictor head "
+                           "'aesthetic-model.pth' was not given as a path and is not in the Hugging Face cache"),
                           (["outputs/r", "checkpoint=outputs/r"], "not a complete checkpoint"),
                           (["outputs/r", "steps=3"], "expected key=value with key one of")):
         bad = cli("treegrpo_ray.evaluate", *args, cwd=tmp_path)

@@ -1,9 +1,11 @@
 """`python -m treegrpo_ray.run --plan`: counts from configs only, arithmetic by hand, the shipped GPU
 layouts fit, an infeasible one is refused with its fix, and the learner estimate is held against
 measured peak memory of the tiny pipelines of each family on CPU."""
-import os
+import io
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +21,13 @@ GiB = 2 ** 30
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "treegrpo_ray.run", "--plan", *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    """`python -m treegrpo_ray.run --plan ...` in this process: the same main() and output, without a
+    fresh interpreter's ~10 s of imports per call (test_plan_needs_no_ray_and_no_weights runs it in one)."""
+    from treegrpo_ray.run import main
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = main(["--plan", *args])
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_build_reward_model_and_score_latents(tmp_path):
 
 def test_build_reward_model_errors(tmp_path):
     with pytest.raises(ValueError, match="known rewards") as e:
-        build_reward_model([{"name": "aesthetic"}], None)
+        build_reward_model([{"name": "aesthetics"}], None)
     assert all(k in str(e.value) for k in REWARD_KINDS)
     with pytest.raises(ValueError, match=r"does not take \['version'\]"):
         build_reward_model([{"name": "jpeg_compressibility", "version": "v2.1"}], None)

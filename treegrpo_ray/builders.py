@@ -12,6 +12,7 @@ import torch
 from treegrpo_ray import miniature
 from treegrpo_ray.config import Config, ConfigError, bundled_file
 from treegrpo_ray.models.devices import resolve_device
+from treegrpo_ray.rewards.kinds import TERM_FILE_FIELDS
 
 MINIATURE_DIR = Path(miniature.ASSETS_DIR)
 MINIATURE_PROMPTS = ("miniature", "miniature-all")
@@ -88,7 +89,7 @@ def build_reward_model(cfg: Config, device: str | None = None):
     quiet_libraries(cfg)
     specs = []
     for t in cfg.rewards.terms:  # empty strings mean "the scorer's default": not passed on
-        extra = {k: v for k, v in (("checkpoint", t.checkpoint), ("model_name", t.model_name), ("version", t.version)) if v}
+        extra = {k: getattr(t, k) for k in TERM_FILE_FIELDS + ("model_name", "version") if getattr(t, k)}
         specs.append(dict(name=t.name, weight=t.weight, **extra))
     watched = eval_metrics(cfg)
     specs += [dict(name=m, weight=0.0) for m in watched]
@@ -168,7 +169,16 @@ def preflight(cfg: Config) -> None:
     index = Path(path).expanduser() / "model_index.json"
     if index.is_file():
         check_family(cfg, json.loads(index.read_text()).get("_class_name"))
+    from treegrpo_ray.rewards.files import locate
     for i, term in enumerate(cfg.rewards.terms):
-        if term.checkpoint and not Path(term.checkpoint).expanduser().exists():
-            raise ConfigError(f"rewards.terms.{i}.checkpoint: {term.checkpoint!r} does not exist; download it "
-                              "first (see README, 'Rewards') or leave it empty to use the default location")
+        for key in TERM_FILE_FIELDS:
+            if getattr(term, key) and not Path(getattr(term, key)).expanduser().exists():
+                raise ConfigError(f"rewards.terms.{i}.{key}: {getattr(term, key)!r} does not exist; download it "
+                                  "first (see README, 'Rewards') or leave it empty to use the default location")
+    checks = [(f"rewards.terms.{i}", t.name, {k: getattr(t, k) for k in TERM_FILE_FIELDS + ("version",)})
+              for i, t in enumerate(cfg.rewards.terms)] + [("eval_metrics", m, {}) for m in eval_metrics(cfg)]
+    for where, kind, files in checks:
+        try:
+            locate(kind, **files)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{where} ({kind}): {e}") from None

@@ -20,7 +20,7 @@ import yaml
 from treegrpo_ray import storage
 from treegrpo_ray.algo.tree import FLAT_STEPS, flat_train_count
 from treegrpo_ray.config_parse import ConfigError, _build, _merge, _parse_scalar, _set_dotted
-from treegrpo_ray.rewards.kinds import REWARD_KINDS
+from treegrpo_ray.rewards.kinds import REWARD_KINDS, TERM_FILE_FIELDS
 from treegrpo_ray.rewards.kinds import TAKES as REWARD_TAKES
 
 
@@ -106,12 +106,16 @@ class PoolsConfig:
 
 @dataclass(frozen=True)
 class RewardTerm:
-    name: str = doc("miniature", "scorer: miniature | miniature_colour | hpsv2 | clipscore | jpeg_compressibility | "
-                    "jpeg_incompressibility")
+    name: str = doc("miniature", "scorer: miniature | miniature_colour | hpsv2 | clipscore | aesthetic | imagereward | "
+                    "pickscore | jpeg_compressibility | jpeg_incompressibility")
     weight: float = doc(1.0, "weight in the combined reward")
     checkpoint: str = doc("", "checkpoint file or directory ('' = the scorer's default / HF cache)")
-    model_name: str = doc("", "open_clip architecture for hpsv2/clipscore ('' = scorer default)")
+    model_name: str = doc("", "open_clip architecture for hpsv2/clipscore/aesthetic ('' = the kind's default: "
+                          "ViT-H-14 for hpsv2, OpenAI's ViT-L-14-quickgelu for clipscore and aesthetic)")
     version: str = doc("", "hpsv2: v2.1 | v2.0 ('' = v2.1)")
+    clip_checkpoint: str = doc("", "aesthetic: the CLIP ViT-L/14 (OpenAI) open_clip weights its head reads ('' = HF cache)")
+    processor: str = doc("", "pickscore: the CLIP-ViT-H-14 processor directory; imagereward: bert-base-uncased's "
+                         "tokenizer directory ('' = HF cache)")
 
 
 @dataclass(frozen=True)
@@ -448,19 +452,14 @@ def _validate_rewards(cfg: Config) -> None:
                f"use kinds from {', '.join(REWARD_KINDS)}, or [] for none")
         _check(m not in [t.name for t in terms], "eval_metrics", f"{m} is a training reward term already",
                "list only kinds the run does not train on")
-        _check(m != "clipscore", "eval_metrics", "clipscore needs its open_clip checkpoint",
-               "score it after training: python -m treegrpo_ray.evaluate <run dir> metrics=[...]")
     _check(len(terms) >= 1, "rewards.terms", "no reward terms", "name at least one, e.g. [{name: miniature}]")
     names = [t.name for t in terms]
     for i, t in enumerate(terms):
         _check(t.name in REWARD_KINDS, f"rewards.terms.{i}.name", f"unknown reward {t.name!r}",
                f"use one of {', '.join(REWARD_KINDS)}")
         _check(math.isfinite(t.weight), f"rewards.terms.{i}.weight", f"{t.weight} is not finite", "use a finite weight")
-        _check(t.name != "clipscore" or bool(t.checkpoint), f"rewards.terms.{i}.checkpoint",
-               "clipscore needs a local open_clip checkpoint (nothing is downloaded at run time)",
-               "download e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K open_clip_model.safetensors and give its path")
         _check(t.version in ("", "v2.0", "v2.1"), f"rewards.terms.{i}.version", f"{t.version!r} unknown", "use v2.1 or v2.0")
-        for key in ("checkpoint", "model_name", "version"):
+        for key in TERM_FILE_FIELDS + ("model_name", "version"):
             takes = REWARD_TAKES.get(t.name, ())
             _check(not getattr(t, key) or key in takes, f"rewards.terms.{i}.{key}",
                    f"reward {t.name!r} does not take {key} (it takes: {', '.join(takes) or 'only name and weight'})",

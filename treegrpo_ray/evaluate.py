@@ -11,8 +11,9 @@ probabilities and fractions, r_max 1). Writes evaluation.json, evaluation.csv an
 `evaluate/<set>/<metric>/{base,trained}`, to the run's MLflow run.
 
 Keys (defaults in brackets):
-  metrics=[a,b]        reward kinds to score with [the run's training terms, plus miniature_colour
-                       for miniature prompts: the metric a miniature run does not train on]
+  metrics=[a,b]        reward kinds to score with [the run's training terms and its eval_metrics
+                       (the GPU configs': aesthetic, clipscore), plus miniature_colour for
+                       miniature prompts: the metric a miniature run does not train on]
   prompts=<file>       score these prompts instead [the run's eval prompts and, for the miniature,
                        its held-out prompts]
   images_per_prompt=N  [the run's eval_images_per_prompt]
@@ -37,9 +38,10 @@ import torch
 
 from treegrpo_ray.config import ConfigError, from_dict
 from treegrpo_ray.driver import EVAL_SEED
-from treegrpo_ray.rewards.kinds import REWARD_KINDS
+from treegrpo_ray.rewards.kinds import REWARD_KINDS, TERM_FILE_FIELDS
 
-R_MAX = {"hpsv2": 1.0, "clipscore": 2.5, "miniature": 1.0, "miniature_colour": 1.0}
+R_MAX = {"hpsv2": 1.0, "clipscore": 2.5, "aesthetic": 10.0, "imagereward": 2.0, "miniature": 1.0,
+         "miniature_colour": 1.0}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,11 +81,18 @@ def options(run_dir: Path, overrides: list[str]) -> dict:
         sets = {"eval": builders.load_prompts(cfg, "eval"), "held_out": builders.load_prompts(cfg, "held_out")}
         sets = {k: v for k, v in sets.items() if v}
     miniature = all(_is_miniature(p) for ps in sets.values() for p in ps)
-    default = [t.name for t in cfg.rewards.terms] + (["miniature_colour"] if miniature else [])
+    watched = [m for m in builders.eval_metrics(cfg) if m != "miniature_colour"]  # the config's eval_metrics
+    default = [t.name for t in cfg.rewards.terms] + watched + (["miniature_colour"] if miniature else [])
     metrics = [m.strip() for m in got["metrics"].strip("[]").split(",") if m.strip()] if "metrics" in got else default
     unknown = [m for m in metrics if m not in REWARD_KINDS]
     if unknown or not metrics:
         raise ConfigError(f"metrics: {unknown or 'none'} — choose from {', '.join(REWARD_KINDS)}")
+    from treegrpo_ray.rewards.files import locate
+    for spec in _specs(cfg, metrics):  # every metric's files exist before any model loads
+        try:
+            locate(spec["name"], **{k: v for k, v in spec.items() if k in TERM_FILE_FIELDS + ("version",)})
+        except FileNotFoundError as e:
+            raise ConfigError(f"metrics: {spec['name']}: {e}") from None
     device = got.get("device", cfg.model.device)
     cfg = replace(cfg, model=replace(cfg.model, device=device))
     return {"cfg": cfg, "checkpoint": str(ckpt), "run_state": state, "sets": sets, "metrics": list(dict.fromkeys(metrics)),
@@ -106,8 +115,7 @@ def _specs(cfg, metrics: list[str]) -> list[dict]:
     specs = []
     for m in metrics:
         t = terms.get(m)
-        extra = {k: v for k, v in (("checkpoint", t.checkpoint), ("model_name", t.model_name), ("version", t.version))
-                 if v} if t else {}
+        extra = {k: getattr(t, k) for k in TERM_FILE_FIELDS + ("model_name", "version") if getattr(t, k)} if t else {}
         specs.append({"name": m, **extra})
     return specs
 

@@ -34,7 +34,7 @@ def measure(pipe, reward: MiniatureReward, prompts: list[str], seed: int, per_pr
 
 
 def probe(assets: str, *, checkpoints: list[int], lr: float, pool: str = "demo", batch_size: int = 16,
-          seed: int = 0, eval_seed: int = 1234) -> list[dict]:
+          seed: int = 0, eval_seed: int = 1234, sets: tuple[str, ...] = ("train16", "held_out")) -> list[dict]:
     pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(assets, "pipeline"))
     pipe.set_progress_bar_config(disable=True)
     reward = MiniatureReward.from_dir(os.path.join(assets, "reward"))
@@ -60,8 +60,8 @@ def probe(assets: str, *, checkpoints: list[int], lr: float, pool: str = "demo",
             opt.step()
             step += 1
         transformer.eval().requires_grad_(False)
-        rows.append({"step": step, "pool": pool, "train16": measure(pipe, reward, demo, eval_seed),
-                     "held_out": measure(pipe, reward, held_out, eval_seed)})
+        prompts = {"train16": demo, "held_out": held_out}
+        rows.append({"step": step, "pool": pool, **{s: measure(pipe, reward, prompts[s], eval_seed) for s in sets}})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

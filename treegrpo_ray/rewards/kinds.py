@@ -5,7 +5,11 @@ TAKES: dict[str, tuple[str, ...]] = {
     "miniature_colour": (),
     "hpsv2": ("checkpoint", "model_name", "version"),
     "clipscore": ("checkpoint", "model_name"),
+    "aesthetic": ("checkpoint", "clip_checkpoint", "model_name"),
+    "pickscore": ("checkpoint", "processor"),
+    "imagereward": ("checkpoint", "processor"),
     "jpeg_compressibility": (),
     "jpeg_incompressibility": (),
 }
 REWARD_KINDS = tuple(TAKES)
+TERM_FILE_FIELDS = ("checkpoint", "clip_checkpoint", "processor")  # a term's fields that name files or directories

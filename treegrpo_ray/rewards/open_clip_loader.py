@@ -32,6 +32,11 @@ import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# OpenAI's CLIP ViT-L/14 as open_clip publishes it (its pretrained tag "openai"; QuickGELU): the
+# default CLIP of CLIPScore (as torchmetrics') and the one the LAION aesthetic predictor reads
+OPENAI_L14_REPO = "timm/vit_large_patch14_clip_224.openai"
+OPENAI_L14_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPENAI_L14_MODEL = "ViT-L-14-quickgelu"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -54,6 +59,20 @@ def resolve_checkpoint(path: str | Path | None, *, what: str, hint: str, hf_repo
         raise FileNotFoundError(f"{what} '{hf_filename}' was not given as a path and is not in {where}; "
                                 f"nothing is downloaded at run time. {hint}")
     raise FileNotFoundError(f"{what}: no checkpoint path given. {hint}")
+
+
+def locate_openai_l14(path: str | Path | None, what: str, hint: str, hf_cache_dir=None) -> Path:
+    """OpenAI's ViT-L/14 open_clip weights: `path` if given, else either file name in the HF cache."""
+    if path:
+        return resolve_checkpoint(path, what=what, hint=hint)
+    for name in OPENAI_L14_FILES[:-1]:
+        try:
+            return resolve_checkpoint(None, what=what, hint=hint, hf_repo=OPENAI_L14_REPO, hf_filename=name,
+                                      hf_cache_dir=hf_cache_dir)
+        except FileNotFoundError:
+            pass
+    return resolve_checkpoint(None, what=what, hint=hint, hf_repo=OPENAI_L14_REPO, hf_filename=OPENAI_L14_FILES[-1],
+                              hf_cache_dir=hf_cache_dir)
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ A spec is a flat mapping (or dataclass) with `name` (the reward kind, one of REW
 not take is an error:
     hpsv2:                  checkpoint, version ("v2.0" | "v2.1"), model_name, config, batch_size, hf_cache_dir
     clipscore:              checkpoint, model_name, config, w, raw_cosine, batch_size
+    aesthetic:              checkpoint (the MLP head), clip_checkpoint, model_name, config, batch_size, hf_cache_dir
+    pickscore:              checkpoint (PickScore_v1 directory), processor (directory), batch_size, hf_cache_dir
+    imagereward:            checkpoint (ImageReward.pt), processor (bert-base-uncased directory), batch_size,
+                            hf_cache_dir
     jpeg_compressibility:   quality, batch_size          (likewise jpeg_incompressibility)
     miniature:              checkpoint (the reward directory; default the shipped one), batch_size
 `config` is a custom open_clip config (dict or JSON path) used instead of `model_name`.
@@ -20,8 +24,11 @@ from pathlib import Path
 
 import torch
 
+from treegrpo_ray.rewards.aesthetic import AestheticScorer
 from treegrpo_ray.rewards.decode import LatentDecoder
+from treegrpo_ray.rewards.imagereward import ImageRewardScorer
 from treegrpo_ray.rewards.kinds import REWARD_KINDS, TAKES
+from treegrpo_ray.rewards.pickscore import PickScoreScorer
 from treegrpo_ray.rewards.scorers import (ClipScoreScorer, HPSv2Scorer, JpegCompressibility, JpegIncompressibility,
                                           MiniatureColourScorer, MiniatureScorer, Scorer,
                                           check_batch)
@@ -32,7 +39,15 @@ _KINDS = {
                             "config": "model_config", "batch_size": "batch_size", "hf_cache_dir": "hf_cache_dir"},
               True, True),
     "clipscore": (ClipScoreScorer, {"checkpoint": "checkpoint", "model_name": "model_name", "config": "model_config",
-                                    "w": "w", "raw_cosine": "raw_cosine", "batch_size": "batch_size"}, True, True),
+                                    "w": "w", "raw_cosine": "raw_cosine", "batch_size": "batch_size",
+                                    "hf_cache_dir": "hf_cache_dir"}, True, True),
+    "aesthetic": (AestheticScorer, {"checkpoint": "checkpoint", "clip_checkpoint": "clip_checkpoint",
+                                    "model_name": "model_name", "config": "model_config", "batch_size": "batch_size",
+                                    "hf_cache_dir": "hf_cache_dir"}, True, True),
+    "pickscore": (PickScoreScorer, {"checkpoint": "checkpoint", "processor": "processor", "batch_size": "batch_size",
+                                    "hf_cache_dir": "hf_cache_dir"}, True, True),
+    "imagereward": (ImageRewardScorer, {"checkpoint": "checkpoint", "processor": "processor",
+                                        "batch_size": "batch_size", "hf_cache_dir": "hf_cache_dir"}, True, True),
     "jpeg_compressibility": (JpegCompressibility, {"quality": "quality", "batch_size": "batch_size"}, False, False),
     "jpeg_incompressibility": (JpegIncompressibility, {"quality": "quality", "batch_size": "batch_size"}, False, False),
     "miniature": (MiniatureScorer, {"checkpoint": "reward_dir", "batch_size": "batch_size"}, True, False),

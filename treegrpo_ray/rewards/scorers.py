@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from treegrpo_ray.miniature import REWARD_DIR
-from treegrpo_ray.rewards.open_clip_loader import load_open_clip, resolve_checkpoint
+from treegrpo_ray.rewards.open_clip_loader import (OPENAI_L14_FILES, OPENAI_L14_MODEL, OPENAI_L14_REPO, load_open_clip,
+                                                  locate_openai_l14, resolve_checkpoint)
 
 _RANGE_TOL = 1e-3
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -86,6 +87,16 @@ class Scorer:
         return torch.where(bad.cpu(), torch.full_like(scores, float("nan")), scores)
 
 
+def locate_hps(checkpoint=None, version: str = "v2.1", hf_cache_dir=None) -> Path:
+    """The HPS checkpoint file (the path given, else the HF cache's), or FileNotFoundError saying how to get it."""
+    filename = HPS_FILES[version]
+    hint = (f"Download it once with `hf download {HPS_HF_REPO} {filename}` (older CLI: "
+            f"`huggingface-cli download {HPS_HF_REPO} {filename}`) and pass its path as the reward's "
+            f"checkpoint, or leave it in the Hugging Face cache.")
+    return resolve_checkpoint(checkpoint or None, what=f"HPS {version} checkpoint", hint=hint, hf_repo=HPS_HF_REPO,
+                              hf_filename=filename, hf_cache_dir=hf_cache_dir)
+
+
 class HPSv2Scorer(Scorer):
     """HPS v2.0 / v2.1 reward. `checkpoint`: a local path; if None the file is taken from the HF
     cache (repo xswu/HPSv2) or a FileNotFoundError says how to fetch it. `model_name` /
@@ -102,12 +113,7 @@ class HPSv2Scorer(Scorer):
             raise ValueError(f"HPS version must be one of {sorted(HPS_FILES)}, got '{version}'")
         if model_name is None and model_config is None:
             model_name = "ViT-H-14"
-        filename = HPS_FILES[version]
-        hint = (f"Download it once with `hf download {HPS_HF_REPO} {filename}` (older CLI: "
-                f"`huggingface-cli download {HPS_HF_REPO} {filename}`) and pass its path as the reward's "
-                f"checkpoint, or leave it in the Hugging Face cache.")
-        path = resolve_checkpoint(checkpoint, what=f"HPS {version} checkpoint", hint=hint, hf_repo=HPS_HF_REPO,
-                                  hf_filename=filename, hf_cache_dir=hf_cache_dir)
+        path = locate_hps(checkpoint, version, hf_cache_dir)
         self.version = version
         self.clip = load_open_clip(checkpoint=path, model_name=model_name, config=model_config,
                                    device=device, dtype=dtype)
@@ -116,21 +122,30 @@ class HPSv2Scorer(Scorer):
         return self.clip.cosine(images, prompts)                              # (b,)
 
 
+def locate_clipscore(checkpoint=None, model_name: str | None = None, hf_cache_dir=None) -> Path:
+    hint = (f"Pass the local open_clip weights file of model_name (.safetensors, or .bin/.pt loadable with "
+            f"weights_only), e.g. for ViT-H-14: `hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K "
+            f"open_clip_model.safetensors`; with neither set, CLIPScore reads OpenAI's ViT-L/14 from the Hugging Face "
+            f"cache: `hf download {OPENAI_L14_REPO} {OPENAI_L14_FILES[0]}`.")
+    return locate_openai_l14(checkpoint, f"CLIPScore checkpoint for {model_name or OPENAI_L14_MODEL}", hint,
+                             hf_cache_dir)
+
+
 class ClipScoreScorer(Scorer):
     """CLIPScore = w * max(cos, 0) (Hessel et al. 2021, w = 2.5), or the raw cosine in [-1, 1]
-    with raw_cosine=True. `checkpoint` is a local open_clip weights file for `model_name`."""
+    with raw_cosine=True. `checkpoint` is a local open_clip weights file for `model_name`; both
+    left empty: OpenAI's ViT-L/14 (torchmetrics' default CLIPScore model) from the HF cache."""
 
     name = "clipscore"
 
-    def __init__(self, checkpoint: str | Path | None, *, model_name: str | None = None,
+    def __init__(self, checkpoint: str | Path | None = None, *, model_name: str | None = None,
                  model_config: dict | str | Path | None = None, w: float = 2.5, raw_cosine: bool = False,
-                 device="cpu", dtype: torch.dtype = torch.float32, batch_size: int = 32):
+                 device="cpu", dtype: torch.dtype = torch.float32, batch_size: int = 32,
+                 hf_cache_dir: str | Path | None = None):
         super().__init__(batch_size)
-        hint = ("Pass the local open_clip weights file for the model (.safetensors, or .bin/.pt loadable with "
-                "weights_only), e.g. for ViT-H-14: `hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K "
-                "open_clip_model.safetensors`.")
-        path = resolve_checkpoint(checkpoint, what=f"CLIPScore checkpoint for {model_name or 'custom config'}",
-                                  hint=hint)
+        if model_name is None and model_config is None:
+            model_name = OPENAI_L14_MODEL
+        path = locate_clipscore(checkpoint, model_name, hf_cache_dir)
         self.w, self.raw_cosine = float(w), raw_cosine
         self.clip = load_open_clip(checkpoint=path, model_name=model_name, config=model_config,
                                    device=device, dtype=dtype)
