@@ -11,7 +11,7 @@ tiers=("${@:-default integration}")
 summary=""
 for tier in ${tiers[@]}; do
     if [[ "$tier" == "integration" ]]; then marks="integration and not slow"; workers=()
-    else marks="not slow and not integration"; workers=(-n 3 --dist loadfile); fi  # as scripts/test.sh
+    else marks="not slow and not integration"; workers=(-n 3 --dist loadfile --no-loadscope-reorder); fi  # as scripts/test.sh
     log=$(mktemp)
     start=$(date +%s)
     python -m pytest -q -m "$marks" "${workers[@]}" --durations=10 -p no:cacheprovider > "$log" 2>&1

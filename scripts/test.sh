@@ -15,5 +15,5 @@ if [[ "${1:-}" == "integration" ]]; then
     shift
     python -m pytest -q -m "integration and not slow" "$@"
 else
-    python -m pytest -q -m "not slow and not integration" -n 3 --dist loadfile "$@"
+    python -m pytest -q -m "not slow and not integration" -n 3 --dist loadfile --no-loadscope-reorder "$@"
 fi

@@ -7,11 +7,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
-# The default tier's longest modules (scripts/suite_report.sh), started first: pytest-xdist's
-# --dist loadfile hands modules to workers in collection order, so a long module collected last
-# (test_system.py, alphabetically) ran alone at the end. Longest first evens the workers out.
-LONGEST_FIRST = ("test_system.py", "test_evaluate.py", "test_plan.py", "test_outputs.py", "test_gpu_check.py",
-                 "test_security.py", "test_cli.py", "test_families.py", "test_miniature_assets.py", "test_guards.py")
+# The default tier's modules, longest first (measured 2026-12-07, scripts/suite_report.sh):
+# scripts/test.sh runs pytest-xdist with --dist loadfile --no-loadscope-reorder, which hands
+# modules to the 3 workers in collection order as each runs dry (its own reorder sorts them by
+# test count, which queued a long module last). Longest first is the classic makespan heuristic.
+LONGEST_FIRST = ("test_system.py", "test_outputs.py", "test_evaluate.py", "test_gpu_check.py", "test_plan.py",
+                 "test_preemption.py", "test_faults.py", "test_security.py", "test_cli.py", "test_tracking.py",
+                 "test_fsdp.py", "test_miniature_assets.py", "test_ddp_accumulation.py", "test_families.py",
+                 "test_guards.py", "test_layering.py", "test_local_ray.py", "test_fingerprint.py", "test_dispatch.py",
+                 "test_packaging.py", "test_family_sd35.py", "test_tree_sampler.py", "test_batch_arithmetic.py")
 
 
 def pytest_collection_modifyitems(config, items):

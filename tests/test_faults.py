@@ -111,6 +111,7 @@ def kill_learner_during_update(monkeypatch, at_update: int, pids: list):
 
 
 @pytest.mark.ray
+@pytest.mark.integration  # ~2 min alone, ~4.5 in the default tier's 3 workers: the longest test it had
 def test_killed_sampler_reward_and_learner_processes_are_restarted_and_their_work_reissued(
         tiny_sd3_dir, tmp_path, ray_local, monkeypatch, uninterrupted):
     # One run, three separate faults (one Ray start instead of three on a 2-core machine):

@@ -70,7 +70,8 @@ def text_config(vocab_size: int, *, hidden: int, layers: int, heads: int, interm
     return BlipTextConfig(vocab_size=vocab_size, hidden_size=hidden, encoder_hidden_size=encoder_width,
                           intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
                           max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12,
-                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, is_decoder=True)
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, is_decoder=True,
+                          bos_token_id=None, eos_token_id=None, sep_token_id=None)  # the score uses none of them
 
 
 class ImageRewardModel(torch.nn.Module):
