@@ -72,7 +72,14 @@ def test_evaluate_a_run_folder_from_the_cli(tmp_path):
     again = cli("treegrpo_ray.evaluate", "outputs/r", "images_per_prompt=1", cwd=tmp_path)
     assert json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["rows"] == rows, again.stderr[-2000:]
 
+    # the run's export folder (what plain diffusers loads) is the last checkpoint's weights: the same table
+    exported = cli("treegrpo_ray.evaluate", "outputs/r/export", "images_per_prompt=1", cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"trained: {run_dir / 'export'}" in exported.stdout
+    assert json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["rows"] == rows
+
     for args, message in ((["outputs"], "is not a run folder (no config.json)"),
+                          (["outputs/r/export", "checkpoint=outputs/r"], "an export folder holds the trained weights"),
                           (["outputs/r", "metrics=[aesthetics]"], "metrics: ['aesthetics']"),
                           (["outputs/r", "metrics=[aesthetic]"], "metrics: aesthetic: LAION aesthetic predictor head "
                            "'aesthetic-model.pth' was not given as a path and is not in the Hugging Face cache"),
@@ -127,3 +134,23 @@ def test_miniature_colour_on_other_prompts_stops_at_preflight():
         builders.preflight(cfg)
     assert builders.eval_metrics(load_config("smoke", ["prompts=configs/prompts/example_prompts.txt"])) == []
     assert builders.eval_metrics(load_config("smoke", [])) == ["miniature_colour"]
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_an_export_folder_loads_back_into_the_policy(tiny_sd3_dir, tmp_path, lora_rank):
+    # evaluate <run>/export: the exported weights (LoRA through peft, or the whole denoiser) are
+    # the trained policy's, bit for bit
+    from treegrpo_ray.evaluate import is_export, load_export
+    from treegrpo_ray.models.policy import DiffusionPolicy
+    trained = DiffusionPolicy.from_pretrained(tiny_sd3_dir, max_sequence_length=8, lora_rank=lora_rank)
+    with torch.no_grad():
+        for p in trained.denoiser.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    trained.export(tmp_path / "export")
+    assert is_export(tmp_path / "export") and not is_export(tmp_path)
+    fresh = DiffusionPolicy.from_pretrained(tiny_sd3_dir, max_sequence_length=8, lora_rank=lora_rank)
+    want = dict(trained.broadcast_tensors())
+    assert any(not torch.equal(t, want[n]) for n, t in fresh.broadcast_tensors())   # the base differs
+    load_export(fresh, tmp_path / "export")
+    assert all(torch.equal(t, want[n]) for n, t in fresh.broadcast_tensors())

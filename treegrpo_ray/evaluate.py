@@ -1,7 +1,7 @@
-"""`python -m treegrpo_ray.evaluate <run dir> [key=value ...]`: a trained model against its base.
+"""`python -m treegrpo_ray.evaluate <run dir | export dir> [key=value ...]`: a trained model against its base.
 
-Generates with the run's base pipeline and with its trained weights (the newest checkpoint, or
-`checkpoint=<dir>`) on the same prompts and the same noise (the ODE sampler at a fixed seed, one
+Generates with the run's base pipeline and with its trained weights (the newest checkpoint,
+`checkpoint=<dir>`, or the run's export folder `<run>/export` as plain diffusers loads it) on the same prompts and the same noise (the ODE sampler at a fixed seed, one
 trajectory per image), scores every image with every metric asked for, and prints a table per
 prompt set: base, trained, change, and the paper's normalised score (r - r_base) / (r_max - r_base)
 where r_max is known (TreeGRPO's project page: HPS-v2.1 1, ImageReward 2, Aesthetic 10, CLIPScore 1;
@@ -40,6 +40,7 @@ from treegrpo_ray.config import ConfigError, from_dict
 from treegrpo_ray.driver import EVAL_SEED
 from treegrpo_ray.rewards.kinds import REWARD_KINDS, TERM_FILE_FIELDS
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
 R_MAX = {"hpsv2": 1.0, "clipscore": 2.5, "aesthetic": 10.0, "imagereward": 2.0, "miniature": 1.0,
          "miniature_colour": 1.0}
 
@@ -48,16 +49,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m treegrpo_ray.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1] + f"\nmetric kinds: {', '.join(REWARD_KINDS)}")
-    p.add_argument("run_dir", help="a run folder (outputs/<run>: config.json, checkpoints/)")
+    p.add_argument("run_dir", help="a run folder (outputs/<run>: config.json, checkpoints/), or its export folder "
+                                   "(outputs/<run>/export: the exported weights, the run's settings)")
     p.add_argument("overrides", nargs="*", help="key=value, see below")
     return p.parse_args(argv)
 
 
+def is_export(path: Path) -> bool:
+    """What DiffusionPolicy.export writes: LoRA weights in diffusers' format, or the whole denoiser."""
+    return (path / LORA_FILE).is_file() or any((path / n / "config.json").is_file() for n in ("transformer", "unet"))
+
+
 def options(run_dir: Path, overrides: list[str]) -> dict:
     """Parse and check every key before any model loads."""
+    export = None
+    if not (run_dir / "config.json").is_file() and is_export(run_dir) and (run_dir.parent / "config.json").is_file():
+        export, run_dir = run_dir, run_dir.parent  # <run>/export: the run's settings, the exported weights
     if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.json); give outputs/<run> as the training run "
-                          "printed it")
+        raise ConfigError(f"{run_dir} is not a run folder (no config.json) nor a run's export folder; give "
+                          "outputs/<run> as the training run printed it, or outputs/<run>/export")
     cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
     got = {}
     for item in overrides:
@@ -68,13 +78,21 @@ def options(run_dir: Path, overrides: list[str]) -> dict:
         got[key] = value
     from treegrpo_ray import builders
     from treegrpo_ray.checkpoint import latest_checkpoint, read_run_state
-    ckpt = got.get("checkpoint") or latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'}: nothing trained to evaluate")
-    try:
-        state = read_run_state(ckpt)
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint={ckpt}: not a complete checkpoint (model.safetensors + run_state.json)") from None
+    if export is not None:
+        if "checkpoint" in got:
+            raise ConfigError("checkpoint=...: an export folder holds the trained weights already; give the run "
+                              "folder to choose a checkpoint")
+        newest = latest_checkpoint(run_dir / "checkpoints")
+        state, trained = (read_run_state(newest) if newest else {}), str(export)  # state: the MLflow run to log to
+    else:
+        trained = got.get("checkpoint") or latest_checkpoint(run_dir / "checkpoints")
+        if trained is None:
+            raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'}: nothing trained to evaluate")
+        try:
+            state = read_run_state(trained)
+        except FileNotFoundError:
+            raise ConfigError(f"checkpoint={trained}: not a complete checkpoint (model.safetensors + run_state.json)") \
+                from None
     if "prompts" in got:
         sets = {"prompts": builders.load_prompts(replace(cfg, prompts=got["prompts"]), "train")}
     else:
@@ -95,7 +113,7 @@ def options(run_dir: Path, overrides: list[str]) -> dict:
             raise ConfigError(f"metrics: {spec['name']}: {e}") from None
     device = got.get("device", cfg.model.device)
     cfg = replace(cfg, model=replace(cfg.model, device=device))
-    return {"cfg": cfg, "checkpoint": str(ckpt), "run_state": state, "sets": sets, "metrics": list(dict.fromkeys(metrics)),
+    return {"cfg": cfg, "run_dir": run_dir, "export": export is not None, "checkpoint": str(trained), "run_state": state, "sets": sets, "metrics": list(dict.fromkeys(metrics)),
             "images_per_prompt": int(got.get("images_per_prompt", cfg.eval_images_per_prompt)),
             "seed": int(got.get("seed", EVAL_SEED))}  # the noise the run's periodic evaluation used
 
@@ -120,6 +138,26 @@ def _specs(cfg, metrics: list[str]) -> list[dict]:
     return specs
 
 
+def load_export(policy, folder: Path) -> None:
+    """The weights DiffusionPolicy.export wrote, into the policy: LoRA layers through peft (the
+    inverse of export_lora: diffusers' `<denoiser>.` prefix off), or the whole denoiser's state."""
+    name = policy.family.denoiser_name
+    if policy.lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        layers = {k[len(name) + 1:]: v for k, v in load_file(str(folder / LORA_FILE)).items() if k.startswith(name + ".")}
+        result = set_peft_model_state_dict(policy.denoiser, layers)
+        if not layers or getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"{folder / LORA_FILE} does not fit this run's LoRA: {len(layers)} layers, "
+                              f"unexpected {list(getattr(result, 'unexpected_keys', []))[:3]}")
+        return
+    if not (folder / name / "config.json").is_file():
+        raise ConfigError(f"{folder} holds no {name}/ (a full fine-tune's export) and no {LORA_FILE} (LoRA's)")
+    from diffusers import AutoModel
+    state = AutoModel.from_pretrained(str(folder), subfolder=name).state_dict()
+    policy.load_broadcast_state({k: v.to(policy.dtype) for k, v in state.items()})
+
+
 def evaluate(opts: dict, log=print) -> dict:
     """Generate base and trained images, score them; returns {"rows": [...], "grid": (base, trained) images}."""
     from treegrpo_ray import builders
@@ -133,7 +171,9 @@ def evaluate(opts: dict, log=print) -> dict:
     rewards = build_reward_model(_specs(cfg, opts["metrics"]), builders.pipeline_path(cfg), device=str(policy.device))
     latents = {}
     for label in ("base", "trained"):
-        if label == "trained":
+        if label == "trained" and opts["export"]:
+            load_export(policy, Path(opts["checkpoint"]))
+        elif label == "trained":
             model, _, _ = load_checkpoint(opts["checkpoint"])
             policy.load_broadcast_state(model)
         for name, prompts in opts["sets"].items():
@@ -195,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
+    run_dir = opts["run_dir"]  # the export's run folder when an export folder was given
     result = evaluate(opts)
     print(f"base: {opts['cfg'].model.pretrained} | trained: {opts['checkpoint']} | seed {opts['seed']}, "
           f"{opts['images_per_prompt']} image(s) per prompt, ODE with {opts['cfg'].tree.num_steps} steps")
