@@ -179,6 +179,8 @@ def sampler_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
 def reward_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
     pool = PoolPlan("reward", cfg.pools.rewards, cfg.pools.reward.num_gpus)
     scorers = [(t.name, reward_facts(t.name, t.model_name, t.checkpoint).params) for t in cfg.rewards.terms]
+    from treegrpo_ray.builders import eval_metrics  # scored at evaluations only, but loaded with the actor
+    scorers += [(f"{m} (eval only)", reward_facts(m).params) for m in eval_metrics(cfg)]
     chunk = min(DECODE_CHUNK, cfg.pools.reward_chunk or DECODE_CHUNK)
     pool.items.append((f"VAE ({m.vae_params / 1e6:.0f} M params, float32)", m.vae_params * 4))
     pool.items += [(f"scorer {n} ({p / 1e6:.0f} M params, float32)", p * 4) for n, p in scorers]

@@ -80,7 +80,12 @@ class RewardFacts:
 
 
 REWARD_MODELS = {"ViT-H-14": RewardFacts(986_109_441, 257, 1280), "ViT-L-14": RewardFacts(427_616_513, 257, 1024)}
-REWARD_DEFAULT_MODEL = {"hpsv2": "ViT-H-14"}
+REWARD_MODELS["ViT-L-14-quickgelu"] = REWARD_MODELS["ViT-L-14"]  # OpenAI's weights: the same sizes
+# ImageReward v1.0 (BLIP ViT-L/16 at 224 + med BERT-base + MLP): counted from rewards/imagereward.py's
+# model on the meta device (real_configs(), vocabulary 30524)
+REWARD_MODELS["imagereward"] = RewardFacts(446_206_689, 197, 1024)
+REWARD_DEFAULT_MODEL = {"hpsv2": "ViT-H-14", "clipscore": "ViT-L-14-quickgelu", "aesthetic": "ViT-L-14-quickgelu",
+                        "pickscore": "ViT-H-14", "imagereward": "imagereward"}
 
 
 @dataclass(frozen=True)
