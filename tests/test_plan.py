@@ -179,6 +179,15 @@ def test_learner_estimate_against_measured_peak(tiny, family, resolution, extra)
     assert 0.5 <= predicted / measured <= 1.5, (predicted / GiB * 1024, measured / GiB * 1024)
 
 
+def test_the_reward_pool_holds_its_eval_metrics():
+    """Eval-only metrics load with each reward actor: the plan counts them (a pixel check weighs nothing)."""
+    items = dict(next(p for p in plan.make_plan(load_config("sd35m_hps", [])).pools if p.name == "reward").items)
+    assert find(items, "scorer imagereward (eval only)") == 446_206_689 * 4
+    assert find(items, "scorer aesthetic (eval only)") == find(items, "scorer clipscore (eval only)") == 427_616_513 * 4
+    items = dict(next(p for p in plan.make_plan(load_config(None, [])).pools if p.name == "reward").items)
+    assert find(items, "scorer miniature_colour (eval only)") == 0
+
+
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ConfigError, match="model.pretrained"):
         plan.make_plan(load_config(None, ["model.pretrained=someone/unknown-model"]))

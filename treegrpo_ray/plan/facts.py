@@ -239,8 +239,8 @@ def _safetensors_params(path: Path) -> int:
 
 
 def reward_facts(name: str, model_name: str = "", checkpoint: str = "") -> RewardFacts:
-    """Size of one reward term's model (0 for the JPEG rewards, which run on the CPU)."""
-    if name.startswith("jpeg"):
+    """Size of one reward term's model (0 for the JPEG rewards and miniature_colour: pixel arithmetic)."""
+    if name.startswith("jpeg") or name == "miniature_colour":
         return RewardFacts(0, 0, 0)
     if name == "miniature":
         from treegrpo_ray.miniature import REWARD_DIR
