@@ -148,6 +148,7 @@ def test_pipelined_ray_matches_local_with_queued_calls_and_staleness_one(tiny_sd
 
 
 @pytest.mark.ray
+@pytest.mark.integration  # 60 s alone, 2-5 min among the default tier's 3 workers (Ray Train's start under load)
 def test_an_output_dir_the_learner_cannot_see_stops_the_run_before_training(tiny_sd3_dir, tmp_path, ray_local,
                                                                              monkeypatch):
     # A node-local output_dir on a multi-node cluster: the driver's probe file is not there for
