@@ -86,8 +86,8 @@ def _import_package(site: Path):
         sys.modules[name] = module
     med = importlib.import_module("ImageReward.models.BLIP.med")
     _shim_transformers_4_api(med)
-    return (importlib.import_module("ImageReward.ImageReward"), importlib.import_module("ImageReward.models.BLIP.blip_pretrain"),
-            importlib.import_module("ImageReward.models.BLIP.vit"))
+    return tuple(importlib.import_module(f"ImageReward.{m}") for m in ("ImageReward", "models.BLIP.blip_pretrain",
+                                                                         "models.BLIP.vit"))
 
 
 def write_vocab(directory: Path) -> Path:

@@ -1,14 +1,15 @@
 """`python -m treegrpo_ray.evaluate <run dir | export dir> [key=value ...]`: a trained model against its base.
 
 Generates with the run's base pipeline and with its trained weights (the newest checkpoint,
-`checkpoint=<dir>`, or the run's export folder `<run>/export` as plain diffusers loads it) on the same prompts and the same noise (the ODE sampler at a fixed seed, one
-trajectory per image), scores every image with every metric asked for, and prints a table per
-prompt set: base, trained, change, and the paper's normalised score (r - r_base) / (r_max - r_base)
-where r_max is known (TreeGRPO's project page: HPS-v2.1 1, ImageReward 2, Aesthetic 10, CLIPScore 1;
-ours: CLIPScore is scaled by w = 2.5, so its r_max is 2.5; the miniature's scores are
-probabilities and fractions, r_max 1). Writes evaluation.json, evaluation.csv and evaluation.png
-(base row over trained row) into <run dir>/evaluation/ and logs them, with the scores as
-`evaluate/<set>/<metric>/{base,trained}`, to the run's MLflow run.
+`checkpoint=<dir>`, or the run's export folder `<run>/export` as plain diffusers loads it) on the
+same prompts and the same noise (the ODE sampler at a fixed seed, one trajectory per image), scores
+every image with every metric asked for, and prints a table per prompt set: base, trained, change,
+and the paper's normalised score (r - r_base) / (r_max - r_base) where r_max is known (TreeGRPO's
+project page: HPS-v2.1 1, ImageReward 2, Aesthetic 10, CLIPScore 1; ours: CLIPScore is scaled by w =
+2.5, so its r_max is 2.5; the miniature's scores are probabilities and fractions, r_max 1). Writes
+evaluation.json, evaluation.csv and evaluation.png (base row over trained row) into <run
+dir>/evaluation/ and logs them, with the scores as `evaluate/<set>/<metric>/{base,trained}`, to the
+run's MLflow run.
 
 Keys (defaults in brackets):
   metrics=[a,b]        reward kinds to score with [the run's training terms and its eval_metrics
@@ -113,7 +114,8 @@ def options(run_dir: Path, overrides: list[str]) -> dict:
             raise ConfigError(f"metrics: {spec['name']}: {e}") from None
     device = got.get("device", cfg.model.device)
     cfg = replace(cfg, model=replace(cfg.model, device=device))
-    return {"cfg": cfg, "run_dir": run_dir, "export": export is not None, "checkpoint": str(trained), "run_state": state, "sets": sets, "metrics": list(dict.fromkeys(metrics)),
+    return {"cfg": cfg, "run_dir": run_dir, "export": export is not None, "checkpoint": str(trained),
+            "run_state": state, "sets": sets, "metrics": list(dict.fromkeys(metrics)),
             "images_per_prompt": int(got.get("images_per_prompt", cfg.eval_images_per_prompt)),
             "seed": int(got.get("seed", EVAL_SEED))}  # the noise the run's periodic evaluation used
 
