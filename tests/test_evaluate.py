@@ -68,11 +68,8 @@ def test_evaluate_a_run_folder_from_the_cli(tmp_path):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == {
         "evaluation/evaluation.json", "evaluation/evaluation.csv", "evaluation/evaluation.png"}
 
-    # the same noise: evaluating twice gives the same table
-    again = cli("treegrpo_ray.evaluate", "outputs/r", "images_per_prompt=1", cwd=tmp_path)
-    assert json.loads((run_dir / "evaluation" / "evaluation.json").read_text())["rows"] == rows, again.stderr[-2000:]
-
-    # the run's export folder (what plain diffusers loads) is the last checkpoint's weights: the same table
+    # the run's export folder (what plain diffusers loads) is the last checkpoint's weights: evaluated
+    # again from there, on the same noise, it gives the same table
     exported = cli("treegrpo_ray.evaluate", "outputs/r/export", "images_per_prompt=1", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"trained: {run_dir / 'export'}" in exported.stdout
