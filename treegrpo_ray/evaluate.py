@@ -22,7 +22,8 @@ Keys (defaults in brackets):
   checkpoint=<dir>     trained weights [the newest complete checkpoint of the run]
   device=cpu|cuda      [the run's model.device]
 
-Runs in this process (no Ray); `--help` lists the metric kinds.
+Runs in this process (no Ray actors); on a cluster submit it as a GPU job: `ray job submit
+--entrypoint-num-gpus 1 -- python -m treegrpo_ray.evaluate outputs/<run> device=cuda`.
 """
 from __future__ import annotations
 
