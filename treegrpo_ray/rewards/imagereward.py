@@ -28,8 +28,7 @@ from pathlib import Path
 
 import torch
 
-from treegrpo_ray.rewards.open_clip_loader import load_state_dict, preprocess_images, resolve_checkpoint
-from treegrpo_ray.rewards.pickscore import locate_dir
+from treegrpo_ray.rewards.open_clip_loader import load_state_dict, locate_dir, preprocess_images, resolve_checkpoint
 from treegrpo_ray.rewards.scorers import Scorer
 
 MODEL_REPO, MODEL_FILE = "THUDM/ImageReward", "ImageReward.pt"

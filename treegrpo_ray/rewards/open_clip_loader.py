@@ -1,4 +1,5 @@
-"""Shared loading of open_clip models for the CLIP-family rewards (HPSv2.x, CLIPScore, the miniature).
+"""Shared loading of open_clip models for the CLIP-family rewards (HPSv2.x, CLIPScore, the miniature,
+the aesthetic predictor), and where every reward finds its files (resolve_checkpoint, locate_dir).
 
 One code path serves a real model and a test's tiny one: the architecture comes from an open_clip
 model name (``"ViT-H-14"``) OR a custom config (a dict, or a JSON file holding the dict or
@@ -37,6 +38,7 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 OPENAI_L14_REPO = "timm/vit_large_patch14_clip_224.openai"
 OPENAI_L14_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 OPENAI_L14_MODEL = "ViT-L-14-quickgelu"
+MARKERS = ("config.json", "preprocessor_config.json", "processor_config.json")  # a model's or a processor's directory
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -59,6 +61,25 @@ def resolve_checkpoint(path: str | Path | None, *, what: str, hint: str, hf_repo
         raise FileNotFoundError(f"{what} '{hf_filename}' was not given as a path and is not in {where}; "
                                 f"nothing is downloaded at run time. {hint}")
     raise FileNotFoundError(f"{what}: no checkpoint path given. {hint}")
+
+
+def locate_dir(path: str | Path | None, repo: str, what: str, hint: str, hf_cache_dir=None,
+               markers: tuple[str, ...] = MARKERS) -> str:
+    """A local transformers directory (with one of `markers`), else `repo` when
+    its snapshot is in the Hugging Face cache; FileNotFoundError naming what is missing otherwise.
+    Nothing is downloaded."""
+    if path:
+        p = Path(path).expanduser()
+        if p.is_dir() and any((p / f).is_file() for f in markers):
+            return str(p)
+        raise FileNotFoundError(f"{what} not found at '{p}' (a directory with one of {', '.join(markers)}). {hint}")
+    from huggingface_hub import try_to_load_from_cache
+    for f in markers:
+        cached = try_to_load_from_cache(repo, f, cache_dir=hf_cache_dir)
+        if isinstance(cached, str) and Path(cached).is_file():
+            return repo
+    raise FileNotFoundError(f"{what} was not given as a directory and '{repo}' is not in the Hugging Face cache "
+                            f"({hf_cache_dir or 'default HF_HUB_CACHE'}); nothing is downloaded at run time. {hint}")
 
 
 def locate_openai_l14(path: str | Path | None, what: str, hint: str, hf_cache_dir=None) -> Path:

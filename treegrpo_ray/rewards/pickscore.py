@@ -18,30 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from treegrpo_ray.rewards.open_clip_loader import locate_dir
 from treegrpo_ray.rewards.scorers import Scorer
 
 MODEL_REPO = "yuvalkirstain/PickScore_v1"
 PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-MARKERS = ("config.json", "preprocessor_config.json", "processor_config.json")  # a model's or a processor's directory
-
-
-def locate_dir(path: str | Path | None, repo: str, what: str, hint: str, hf_cache_dir=None,
-               markers: tuple[str, ...] = MARKERS) -> str:
-    """A local transformers directory (with one of `markers`), else `repo` when
-    its snapshot is in the Hugging Face cache; FileNotFoundError naming what is missing otherwise.
-    Nothing is downloaded."""
-    if path:
-        p = Path(path).expanduser()
-        if p.is_dir() and any((p / f).is_file() for f in markers):
-            return str(p)
-        raise FileNotFoundError(f"{what} not found at '{p}' (a directory with one of {', '.join(markers)}). {hint}")
-    from huggingface_hub import try_to_load_from_cache
-    for f in markers:
-        cached = try_to_load_from_cache(repo, f, cache_dir=hf_cache_dir)
-        if isinstance(cached, str) and Path(cached).is_file():
-            return repo
-    raise FileNotFoundError(f"{what} was not given as a directory and '{repo}' is not in the Hugging Face cache "
-                            f"({hf_cache_dir or 'default HF_HUB_CACHE'}); nothing is downloaded at run time. {hint}")
 
 
 def locate(checkpoint=None, processor=None, hf_cache_dir=None) -> tuple[str, str]:
