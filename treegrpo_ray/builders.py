@@ -84,13 +84,18 @@ def build_sampler(cfg: Config, policy):
                        keep_means=cfg.max_staleness >= 1 and cfg.learner.stale_correction == "recenter")
 
 
+def term_spec(t) -> dict:
+    """A reward term's options for rewards.build_scorer: empty strings mean "the kind's default" and
+    are not passed on."""
+    return {k: getattr(t, k) for k in TERM_FILE_FIELDS + ("model_name", "version") if getattr(t, k)}
+
+
 def build_reward_model(cfg: Config, device: str | None = None):
     from treegrpo_ray.rewards import build_reward_model as build
     quiet_libraries(cfg)
     specs = []
-    for t in cfg.rewards.terms:  # empty strings mean "the scorer's default": not passed on
-        extra = {k: getattr(t, k) for k in TERM_FILE_FIELDS + ("model_name", "version") if getattr(t, k)}
-        specs.append(dict(name=t.name, weight=t.weight, **extra))
+    for t in cfg.rewards.terms:
+        specs.append(dict(name=t.name, weight=t.weight, **term_spec(t)))
     watched = eval_metrics(cfg)
     specs += [dict(name=m, weight=0.0) for m in watched]
     return build(specs, pipeline_path(cfg), device=device or resolve_device(cfg.model.device), eval_only=watched)

@@ -132,12 +132,12 @@ def _is_miniature(prompt: str) -> bool:
 
 def _specs(cfg, metrics: list[str]) -> list[dict]:
     """The run's own term (its checkpoint, version...) for a metric it trained on, else the kind's defaults."""
+    from treegrpo_ray import builders
     terms = {t.name: t for t in cfg.rewards.terms}
     specs = []
     for m in metrics:
         t = terms.get(m)
-        extra = {k: getattr(t, k) for k in TERM_FILE_FIELDS + ("model_name", "version") if getattr(t, k)} if t else {}
-        specs.append({"name": m, **extra})
+        specs.append({"name": m, **(builders.term_spec(t) if t else {})})
     return specs
 
 

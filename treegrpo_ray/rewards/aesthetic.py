@@ -43,27 +43,33 @@ def locate(checkpoint=None, clip_checkpoint=None, hf_cache_dir=None) -> tuple[Pa
                              CLIP_HINT, hf_cache_dir)
 
 
+def mlp_head(widths: tuple[int, ...]) -> torch.nn.Sequential:
+    """The predictor's MLP layout (also ImageReward's head): Linear, Dropout 0.2, Linear, Dropout 0.2,
+    Linear, Dropout 0.1, Linear, Linear; `widths` = input, the four hidden widths, 1."""
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < 3:
+            layers.append(torch.nn.Dropout(DROPOUT_AT[2 * i + 1]))
+    return torch.nn.Sequential(*layers)                                      # Linear at 0, 2, 4, 6, 7
+
+
 def build_head(state: dict[str, torch.Tensor], source: str) -> torch.nn.Sequential:
     """The published MLP with the widths of `state`; a clear error if the file is another architecture."""
     want = {f"layers.{i}.{p}" for i in LINEAR_AT for p in ("weight", "bias")}
     if set(state) != want:
         raise ValueError(f"'{source}' is not an improved-aesthetic-predictor head: expected keys {sorted(want)}, "
                          f"got {sorted(state)[:6]}{' ...' if len(state) > 6 else ''}")
-    layers: list[torch.nn.Module] = []
-    width = None  # the previous Linear's output width
-    for i in range(LINEAR_AT[-1] + 1):
-        if i in DROPOUT_AT:
-            layers.append(torch.nn.Dropout(DROPOUT_AT[i]))
-            continue
+    widths = [state[f"layers.{LINEAR_AT[0]}.weight"].shape[1]]
+    for i in LINEAR_AT:
         w = state[f"layers.{i}.weight"]
-        if w.dim() != 2 or (width is not None and w.shape[1] != width):
+        if w.dim() != 2 or w.shape[1] != widths[-1]:
             raise ValueError(f"'{source}': layers.{i}.weight has shape {tuple(w.shape)}, which does not chain "
-                             f"with the layer before it ({width} outputs)")
-        layers.append(torch.nn.Linear(w.shape[1], w.shape[0]))
-        width = w.shape[0]
-    if layers[-1].out_features != 1:
-        raise ValueError(f"'{source}': the last layer has {layers[-1].out_features} outputs; the predictor has 1")
-    head = torch.nn.Sequential(*layers)
+                             f"with the layer before it ({widths[-1]} outputs)")
+        widths.append(w.shape[0])
+    if widths[-1] != 1:
+        raise ValueError(f"'{source}': the last layer has {widths[-1]} outputs; the predictor has 1")
+    head = mlp_head(tuple(widths))
     head.load_state_dict({k.removeprefix("layers."): v.float() for k, v in state.items()})
     return head.eval().requires_grad_(False)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from treegrpo_ray.rewards.aesthetic import mlp_head
 from treegrpo_ray.rewards.open_clip_loader import load_state_dict, locate_dir, preprocess_images, resolve_checkpoint
 from treegrpo_ray.rewards.scorers import Scorer
 
@@ -36,7 +37,6 @@ TOKENIZER_REPO = "bert-base-uncased"
 MEAN, STD = 0.16717362830052426, 1.0333394966054072    # the package's normalisation of the MLP output
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 MAX_TEXT_LEN = 35
-LINEAR_AT = (0, 2, 4, 6, 7)
 
 _VISION_KEYS = [  # ImageReward.pt's blip.visual_encoder.<key> -> BlipVisionModel's
     (r"cls_token", "embeddings.class_embedding"),
@@ -81,13 +81,7 @@ class ImageRewardModel(torch.nn.Module):
             raise ValueError("the text model's cross-attention width must be the vision model's")
         self.vision = BlipVisionModel(vision_config)
         self.text = BlipTextModel(text_config, add_pooling_layer=False)
-        widths = (text_config.hidden_size, 1024, 128, 64, 16, 1)
-        layers: list[torch.nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths, widths[1:])):
-            layers.append(torch.nn.Linear(a, b))
-            if i < 3:
-                layers.append(torch.nn.Dropout((0.2, 0.2, 0.1)[i]))
-        self.mlp = torch.nn.Sequential(*layers)                              # Linear at 0, 2, 4, 6, 7
+        self.mlp = mlp_head((text_config.hidden_size, 1024, 128, 64, 16, 1))  # the aesthetic predictor's layout
 
     def forward(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, S, S) normalised; ids, mask (B, 35) -> (B,) float32 normalised rewards."""
