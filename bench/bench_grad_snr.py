@@ -23,7 +23,7 @@ import torch
 
 from treegrpo_ray.builders import load_prompts
 from treegrpo_ray.config import load_config
-from treegrpo_ray.driver import advantages, gather, plan
+from treegrpo_ray.driver import advantages, gather, requests_for
 from treegrpo_ray.learning.learner import decision_advantages
 from treegrpo_ray.local_system import LocalSystem
 from treegrpo_ray.types import merge_batches
@@ -51,7 +51,7 @@ def main() -> None:
     prompts = load_prompts(cfg)
     grads, windows = [], []
     for d in range(args.draws):
-        reqs = plan(cfg, prompts, 10_000 + d)
+        reqs = requests_for(cfg, prompts, 10_000 + d)
         kept, raw, _ = gather(cfg, system.collect(system.launch(reqs)), system.version)
         batch = merge_batches(kept.batches)
         leaf_adv, _ = advantages(cfg, batch, raw)
@@ -66,7 +66,7 @@ def main() -> None:
           f"sd {float(cos.std()):.4f} (mean ~0: no direction shared between iterations)")
     print("per-prompt std of leaf rewards by window start (8 groups each):")
     for w in (0, 2, 4, 7):
-        reqs = [dataclasses.replace(r, window_start=w) for r in plan(cfg, prompts, 20_000 + w)]
+        reqs = [dataclasses.replace(r, window_start=w) for r in requests_for(cfg, prompts, 20_000 + w)]
         kept, raw, _ = gather(cfg, system.collect(system.launch(reqs)), system.version)
         batch = kept.info
         r = sum(raw.values()) / len(raw)

@@ -44,7 +44,7 @@ def train_for(variant: str, setting: str, seed: int, budget_s: float, eval_point
 
     from treegrpo_ray.builders import load_prompts
     from treegrpo_ray.config import load_config
-    from treegrpo_ray.driver import advantages, evaluate, gather, plan
+    from treegrpo_ray.driver import advantages, evaluate, gather, requests_for
     from treegrpo_ray.local_system import LocalSystem
 
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def train_for(variant: str, setting: str, seed: int, budget_s: float, eval_point
     clock, images, it, mark = 0.0, 0, 0, 1
     while clock < budget_s:
         t0 = time.perf_counter()
-        collected = system.collect(system.launch(plan(cfg, prompts, it)))
+        collected = system.collect(system.launch(requests_for(cfg, prompts, it)))
         kept, raw, _ = gather(cfg, collected, system.version)
         leaf_adv, _ = advantages(cfg, kept.info, raw)
         system.update(kept.batches, leaf_adv, it)

@@ -19,7 +19,7 @@ import torch
 
 from treegrpo_ray.builders import load_prompts
 from treegrpo_ray.config import load_config
-from treegrpo_ray.driver import advantages, expected_nfe, gather, plan
+from treegrpo_ray.driver import advantages, expected_nfe, gather, requests_for
 from treegrpo_ray.local_system import LocalSystem
 
 VARIANTS = {
@@ -38,7 +38,7 @@ def run_variant(name: str, overrides: list[str], iterations: int, threads: int) 
     prompts = load_prompts(cfg)
     rows = []
     for it in range(iterations + 1):  # iteration 0 is warm-up (allocator, prompt cache)
-        reqs = plan(cfg, prompts, it)
+        reqs = requests_for(cfg, prompts, it)
         t0 = time.perf_counter()
         collected = system.collect(system.launch(reqs))
         t1 = time.perf_counter()

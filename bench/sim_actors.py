@@ -103,14 +103,23 @@ def fake_leaves(n_leaves: int, seed: int) -> np.ndarray:
 
 def _rebuild(kind: str, payload):
     """Runs where an `_OnArrival` is unpickled (the driver, the learner): build the torch object there."""
-    if kind == "tensor":
-        import torch
+    import torch
 
-        return torch.tensor(payload)  # copy: object-store arrays are read-only
-    kwargs, version, extras = payload
+    if kind == "score":
+        from treegrpo_ray.system import ScoreReply
+
+        rewards, busy = payload
+        return ScoreReply({k: torch.tensor(v) for k, v in rewards.items()}, busy, {"score": busy})
+    kwargs, version, sample_s = payload
     batch = fake_tree_batch(**kwargs)
-    batch.policy_version, batch.extras = version, extras
-    return batch.info() if kind == "info" else batch
+    batch.policy_version = version
+    if kind == "batch":
+        return batch
+    from treegrpo_ray.types import CallReport
+
+    info = batch.info()
+    info.call = CallReport(sample_s, restarted=False, weights_verified=False)
+    return info
 
 
 class _OnArrival:
@@ -148,8 +157,8 @@ class SimSampler:
         self._load(weights)
         time.sleep(self.costs.sample_s(self.nfe[window_start] * len(prompts) * self.tree["trees_per_prompt"]))
         leaves = fake_leaves(self.leaves_per_prompt * len(prompts), seed)
-        extras = {"seed": float(seed), "sample_s": time.perf_counter() - t0}
-        payload = (dict(prompts=list(prompts), window_start=window_start, **self.tree), self.version, extras)
+        payload = (dict(prompts=list(prompts), window_start=window_start, **self.tree), self.version,
+                   time.perf_counter() - t0)
         return (_OnArrival("info", payload), _OnArrival("batch", payload), *np.array_split(leaves, self.num_chunks))
 
     def ready(self) -> int:
@@ -174,7 +183,7 @@ class SimReward:
                    "prompt_len": np.array([float(len(p)) for p in prompts]),
                    "actor": np.full(len(prompts), float(self.actor_id))}
         busy = time.perf_counter() - t0
-        return {k: _OnArrival("tensor", v) for k, v in rewards.items()}, busy, False, None, {"score": busy}
+        return _OnArrival("score", (rewards, busy))  # a ScoreReply where it arrives
 
     def ready(self) -> bool:
         return True

@@ -140,7 +140,7 @@ def soak(cfg, *, warmup: int = 10, every: int = 10, out=sys.stdout) -> dict:
     samples, t0, status = [], time.perf_counter(), "FAILED"
     try:
         roles = ray_processes()
-        handle = system.launch(driver.plan(cfg, prompts, 0))
+        handle = system.launch(driver.requests_for(cfg, prompts, 0))
         for it in range(cfg.iterations):
             handle, m = driver.iteration(cfg, system, handle, prompts, it)
             tracker.log(m, step=it + 1)

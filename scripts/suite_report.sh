@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 tiers=("${@:-default integration}")
 summary=""
 for tier in ${tiers[@]}; do
-    if [[ "$tier" == "integration" ]]; then marks="integration and not slow"; workers=()
+    if [[ "$tier" == "integration" ]]; then marks="integration and not slow"; workers=(-n 2 --dist loadfile --no-loadscope-reorder)
     else marks="not slow and not integration"; workers=(-n 3 --dist loadfile --no-loadscope-reorder); fi  # as scripts/test.sh
     log=$(mktemp)
     start=$(date +%s)

@@ -7,11 +7,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
-# The default tier's modules, longest first (measured 2026-12-07, scripts/suite_report.sh):
-# scripts/test.sh runs pytest-xdist with --dist loadfile --no-loadscope-reorder, which hands
-# modules to the 3 workers in collection order as each runs dry (its own reorder sorts them by
+# Each tier's modules, longest first (measured 2026-12-07, scripts/suite_report.sh; the first three
+# are the integration tier's): scripts/test.sh runs pytest-xdist with --dist loadfile
+# --no-loadscope-reorder, which hands modules to the workers in collection order as each runs dry (its own reorder sorts them by
 # test count, which queued a long module last). Longest first is the classic makespan heuristic.
-LONGEST_FIRST = ("test_system.py", "test_outputs.py", "test_evaluate.py", "test_gpu_check.py", "test_plan.py",
+LONGEST_FIRST = ("test_cluster.py", "test_learning.py", "test_deploy_emulation.py",  # integration tier's longest
+                 "test_system.py", "test_outputs.py", "test_evaluate.py", "test_gpu_check.py", "test_plan.py",
                  "test_preemption.py", "test_faults.py", "test_security.py", "test_cli.py", "test_tracking.py",
                  "test_fsdp.py", "test_miniature_assets.py", "test_ddp_accumulation.py", "test_families.py",
                  "test_guards.py", "test_layering.py", "test_local_ray.py", "test_fingerprint.py", "test_dispatch.py",

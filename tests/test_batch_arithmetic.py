@@ -65,12 +65,12 @@ def test_sampler_calls_split_each_samplers_prompts_without_changing_the_iteratio
     sampler (request j on sampler j // 2), the same 8 prompts and window as one call per sampler,
     each call its own noise seed; 1 call per sampler keeps the seeds it always had."""
     from treegrpo_ray.algo.seeds import sampler_seed
-    from treegrpo_ray.driver import plan
+    from treegrpo_ray.driver import requests_for
 
     base = ["mode=local", "prompts_per_iteration=8", "pools.samplers=2", f"tracking.output_dir={tmp_path}"]
     one, two = (load_config(None, [*base, f"pools.sampler_calls={c}"]) for c in (1, 2))
     prompts = [f"prompt {i}" for i in range(20)]
-    a, b = plan(one, prompts, 5), plan(two, prompts, 5)
+    a, b = requests_for(one, prompts, 5), requests_for(two, prompts, 5)
     assert [len(r.prompts) for r in a] == [4, 4] and [len(r.prompts) for r in b] == [2, 2, 2, 2]
     assert [p for r in a for p in r.prompts] == [p for r in b for p in r.prompts]  # sampler 0 gets b[0] + b[1]
     assert {r.window_start for r in a + b} == {a[0].window_start}

@@ -9,7 +9,7 @@ import ray
 import torch
 
 from bench.sim_actors import SEED_STRIDE, SimCosts, SimReward, SimSampler, nfe_by_window
-from treegrpo_ray.actors.dispatch import chunk_bounds, collect_iteration
+from treegrpo_ray.actors.dispatch import SampleCall, chunk_bounds, collect_iteration
 from treegrpo_ray.types import TreeBatch
 
 pytestmark = pytest.mark.ray
@@ -31,6 +31,15 @@ def cluster(ray_local):
         ray.kill(a)
 
 
+def call(sampler, prompts, window_start, seed) -> SampleCall:
+    return SampleCall.of(sampler.sample.options(num_returns=2 + CHUNKS).remote(prompts, window_start, seed))
+
+
+def seeds(out) -> list[int]:
+    """The seed of each collected call, read back from its leaves (leaf 0 holds seed * SEED_STRIDE)."""
+    return [int((r["leaf"][0].item() - 1) / 2) // SEED_STRIDE for r in out.rewards]
+
+
 def test_chunk_bounds_split_like_tensor_split():
     # 10 rows in 3 parts: torch.tensor_split gives sizes 4, 3, 3
     assert chunk_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
@@ -43,11 +52,10 @@ def test_every_batch_once_in_call_order_with_matching_rewards(cluster):
     # Call 0 grows 3 trees (60 ms) on sampler 0, call 1 one tree (20 ms) on sampler 1: call 1 finishes
     # first. Calls 2 and 3 queue behind them on the same actors. Prompt lengths differ per call.
     plan = [(0, ["a"] * 1 + ["bb", "ccc"], 11), (1, ["dddd"], 12), (0, ["eeeee", "ffffff"], 13), (1, ["g" * 7], 14)]
-    opts = {"num_returns": 2 + CHUNKS}
-    calls = [samplers[s].sample.options(**opts).remote(prompts, 7, seed) for s, prompts, seed in plan]
+    calls = [call(samplers[s], prompts, 7, seed) for s, prompts, seed in plan]
     out = collect_iteration(calls, rewards, CHUNKS, started=time.perf_counter(), timeout_s=60)
 
-    assert [b.extras["seed"] for b in out.infos] == [11.0, 12.0, 13.0, 14.0]  # call order, each once
+    assert seeds(out) == [11, 12, 13, 14]  # call order, each once
     assert all(isinstance(b, ray.ObjectRef) for b in out.batches)           # the driver never fetched a batch
     assert out.dropped_trees == 0 and out.driver_bytes > 0
     for ref, info, r, (_, prompts, seed) in zip(out.batches, out.infos, out.rewards, plan):
@@ -71,26 +79,25 @@ def test_every_batch_once_in_call_order_with_matching_rewards(cluster):
 def test_a_silent_pool_raises_timeout(cluster):
     samplers, rewards = cluster
     # window start 0: 0 + 13 + 27 x 7 = 202 NFE = 0.2 s per tree, 3 trees = 0.6 s >> 0.05 s timeout
-    calls = [samplers[0].sample.options(num_returns=2 + CHUNKS).remote(["x", "y", "z"], 0, 1)]
+    calls = [call(samplers[0], ["x", "y", "z"], 0, 1)]
     with pytest.raises(TimeoutError, match="0.05 s"):
         collect_iteration(calls, rewards, CHUNKS, started=time.perf_counter(), timeout_s=0.05)
-    ray.get(calls[0])  # let the actor finish before the cluster goes down
+    ray.get(calls[0].info)  # let the actor finish before the cluster goes down
 
 
 def test_a_call_that_cannot_be_scored_is_dropped_whole_and_counted(cluster):
     samplers, _ = cluster
     picky = [ray.remote(SimReward).options(num_cpus=0.01, max_task_retries=0).remote(COSTS, fail_on="boom")]
-    opts = {"num_returns": 2 + CHUNKS}
     # call 1 holds the unscorable prompt in one of its 3 chunks: its other chunks score, and still
     # none of its trees may reach the learner (a group trained on part of its leaves is biased)
     plan = [(0, ["a", "b"], 21), (1, ["c", "boom"], 22), (0, ["d"], 23)]
-    calls = [samplers[s].sample.options(**opts).remote(prompts, 7, seed) for s, prompts, seed in plan]
+    calls = [call(samplers[s], prompts, 7, seed) for s, prompts, seed in plan]
     out = collect_iteration(calls, picky, CHUNKS, started=time.perf_counter(), timeout_s=60, trees=[2, 2, 1])
-    assert [i.extras["seed"] for i in out.infos] == [21.0, 23.0]
+    assert seeds(out) == [21, 23]
     assert out.dropped_trees == 2 and len(out.batches) == len(out.rewards) == 2
     assert out.dead_rewards == []  # a failed call is not a dead actor
     # every call failing is an error, not an empty iteration
-    calls = [samplers[0].sample.options(**opts).remote(["boom"], 7, 24)]
+    calls = [call(samplers[0], ["boom"], 7, 24)]
     with pytest.raises(RuntimeError, match="(?s)every sampler call of this iteration failed.*cannot score 'boom'"):
         collect_iteration(calls, picky, CHUNKS, started=time.perf_counter(), timeout_s=60)
     ray.kill(picky[0])
@@ -98,11 +105,10 @@ def test_a_call_that_cannot_be_scored_is_dropped_whole_and_counted(cluster):
 
 def test_a_failed_sampler_call_is_dropped_and_counted_by_its_request(cluster):
     samplers, rewards = cluster
-    opts = {"num_returns": 2 + CHUNKS}
-    good = samplers[0].sample.options(**opts).remote(["a"], 7, 31)
-    bad = samplers[1].sample.options(**opts).remote(["b", "c"], 99, 32)  # no window 99: the call raises
+    good = call(samplers[0], ["a"], 7, 31)
+    bad = call(samplers[1], ["b", "c"], 99, 32)  # no window 99: the call raises
     out = collect_iteration([good, bad], rewards, CHUNKS, started=time.perf_counter(), timeout_s=60, trees=[1, 2])
-    assert [i.extras["seed"] for i in out.infos] == [31.0] and out.dropped_trees == 2
+    assert seeds(out) == [31] and out.dropped_trees == 2
 
 
 def test_a_dead_reward_actor_gets_no_more_work(cluster):
@@ -111,17 +117,14 @@ def test_a_dead_reward_actor_gets_no_more_work(cluster):
             for i in range(2)]
     ray.get([a.ready.remote() for a in pool])
     ray.kill(pool[0])  # restarts used up: its calls raise RayActorError
-    opts = {"num_returns": 2 + CHUNKS}
     # call 0 (sampler 0, window 7: done at ~20 ms) sends chunks to both actors and fails on actor 0.
     # Calls 1 and 2 grow window-0 trees (202 NFE, ~0.2 s each): call 2, queued behind call 0, is done
     # at ~0.22 s and call 1 (2 prompts) at ~0.4 s, long after actor 0's failure came back (a 20 ms
     # margin let both land before it on a loaded CI machine). Actor 0 is then idle but dead and actor
     # 1 may be busy: every chunk must go to actor 1 all the same.
-    calls = [samplers[0].sample.options(**opts).remote(["a"], 7, 41),
-             samplers[1].sample.options(**opts).remote(["b", "bb"], 0, 42),
-             samplers[0].sample.options(**opts).remote(["c"], 0, 43)]
+    calls = [call(samplers[0], ["a"], 7, 41), call(samplers[1], ["b", "bb"], 0, 42), call(samplers[0], ["c"], 0, 43)]
     out = collect_iteration(calls, pool, CHUNKS, started=time.perf_counter(), timeout_s=60)
     assert out.dead_rewards == [0] and out.dropped_trees == 1
-    assert [i.extras["seed"] for i in out.infos] == [42.0, 43.0]
+    assert seeds(out) == [42, 43]
     assert {float(a) for r in out.rewards for a in r["actor"]} == {1.0}
     ray.kill(pool[1])

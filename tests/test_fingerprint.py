@@ -87,8 +87,8 @@ def test_sampler_actor_checks_what_it_pulls_from_the_store(tiny_sd3_dir, tmp_pat
                 p.add_(0.01)
         _publish(store, 1, learner_side, 0)
         sampler = SamplerActor(to_dict(cfg), name)
-        batch, *_ = sampler.sample(["a red circle"], window_start=0, seed=0)
-        assert sampler.version == 1 and batch.policy_version == 1 and batch.extras["weights_verified"] == 1.0
+        info, *_ = sampler.sample(["a red circle"], window_start=0, seed=0)
+        assert sampler.version == 1 and info.policy_version == 1 and info.call.weights_verified
         assert differing(fingerprint(learner_side.live_state()), sampler.policy.fingerprint()) == []
         # version 2, and this sampler's load now writes into copies of its tensors
         with torch.no_grad():

@@ -56,17 +56,17 @@ def poison_rewards(monkeypatch):
 
         def build(cfg, device=None):
             model = real(cfg, device)
-            score, seen = model.score_latents_with_metrics, [0]
+            score, seen = model.score_latents_timed, [0]
 
-            def score_latents_with_metrics(latents, prompts):
-                out, metrics = score(latents, prompts)
+            def score_latents_timed(latents, prompts):
+                out, seconds = score(latents, prompts)
                 bad = calls.get(seen[0], [])
                 seen[0] += 1
                 for n, r in out.items():
                     for j, leaf in enumerate(bad):
                         r[leaf] = float("nan") if j % 2 == 0 else float("inf")
-                return out, metrics
-            model.score_latents_with_metrics = score_latents_with_metrics
+                return out, seconds
+            model.score_latents_timed = score_latents_timed
             return model
         monkeypatch.setattr(builders, "build_reward_model", build)
     return poison

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from treegrpo_ray import driver
+from treegrpo_ray import driver, run_folder
 from treegrpo_ray.actors import ray_system
 from treegrpo_ray.config import flatten, load_config
 from treegrpo_ray.tracking import tracking_uri
@@ -184,9 +184,9 @@ def test_flatten_redacts_secret_keys_and_uri_credentials(tmp_path):
     assert flat["tracking.output_dir"] == "s3://b/out?endpoint_override=127.0.0.1:9000&access_key=***&secret_key=***"
     assert not any(SECRET in v for v in flat.values())
     assert flatten(cfg, redact=False)["ray_address"].endswith("head.example.com:10001")  # only redaction hides it
-    assert driver.redact_uri(f"https://alice:{SECRET}@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
-    assert driver.redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
-    assert SECRET not in json.dumps(driver.redacted_config(cfg))
+    assert run_folder.redact_uri(f"https://alice:{SECRET}@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
+    assert run_folder.redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert SECRET not in json.dumps(run_folder.redacted_config(cfg))
 
 
 def test_a_run_logs_no_credentials(tiny_sd3_dir, tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def _open_store(out_dir: str) -> str:
 
 
 def _claim_name(out_dir: str) -> str:
-    from treegrpo_ray.driver import unique_run_name
+    from treegrpo_ray.run_folder import unique_run_name
     return unique_run_name(out_dir, BASE)
 
 

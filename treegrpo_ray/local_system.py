@@ -13,7 +13,6 @@ import torch
 from treegrpo_ray import builders
 from treegrpo_ray.checkpoint import export, load_checkpoint, save_checkpoint
 from treegrpo_ray.config import Config
-from treegrpo_ray.rewards.reward_model import timings
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import EVAL_GRID_IMAGES, Collected, SampleRequest, split_leaves
 from treegrpo_ray.types import TreeBatch, merge_batches
@@ -62,10 +61,10 @@ class LocalSystem:
             t1 = time.perf_counter()
             batch, leaves = split_leaves(batch)
             prompts = [batch.prompts[i] for i in batch.leaf_prompt.tolist()]
-            scores, metrics = self.rewards.score_latents_with_metrics(leaves, prompts)
+            scores, seconds = self.rewards.score_latents_timed(leaves, prompts)
             t2 = time.perf_counter()
             out.add(batch, batch.info(leaves.nbytes), scores, sample_s=t1 - t0, reward_s=t2 - t1,
-                    reward_parts=[timings(metrics)])
+                    reward_parts=[seconds])
         return out
 
     def update(self, batches: list[TreeBatch], leaf_advantages, iteration: int) -> dict[str, float]:

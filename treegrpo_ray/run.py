@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             print(plan.render(layout))
             plan.check(layout)
             return 0
-        from treegrpo_ray.driver import result_lines, run
+        from treegrpo_ray.driver import run
+        from treegrpo_ray.run_end import result_lines
         from treegrpo_ray.preemption import Preempted
         try:
             summary = run(cfg)

@@ -23,6 +23,21 @@ class SampleRequest:
 
 
 @dataclass
+class ScoreReply:
+    """A reward actor's answer to one chunk of leaves."""
+    rewards: dict[str, torch.Tensor]   # scorer -> (B,) float32, NaN kept visible
+    busy_s: float                      # decoding and scoring
+    seconds: dict[str, float]          # of busy_s: "decode" and each scorer
+    restarted: bool = False            # the actor was restarted (Ray) since its previous call
+    images: torch.Tensor | None = None  # the first `num_images` decoded images (n, 3, H, W), if asked for
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of its tensors: what fetching it moves, less pickle's framing."""
+        return sum(r.nbytes for r in self.rewards.values()) + (self.images.nbytes if self.images is not None else 0)
+
+
+@dataclass
 class Collected:
     """An iteration's sampler output, in request order: each batch (a TreeBatch in-process, an
     ObjectRef to one on Ray: the driver never holds latents), its BatchInfo and its raw rewards
@@ -37,7 +52,7 @@ class Collected:
     reward_parts: dict[str, float] = field(default_factory=dict)  # of reward_s: decode and each scorer
     dropped_trees: int = 0  # trees of calls that failed (after Ray's retries): never trained on
     retried_calls: int = 0  # calls (or reward chunks) run again after their actor or node was lost (Ray)
-    driver_bytes: int = 0   # serialized bytes the driver fetched (Ray; 0 in-process)
+    driver_bytes: int = 0   # tensor and prompt bytes the driver fetched (Ray; 0 in-process)
     dead_rewards: list[int] = field(default_factory=list)  # reward actors that died for good (Ray)
 
     def add(self, batch: Any, info: BatchInfo, rewards: dict[str, torch.Tensor], sample_s: float, reward_s: float,

@@ -126,6 +126,13 @@ class Tracker:
         client = self.mlflow.MlflowClient(self.uri)
         return {k: [(m.step, m.value) for m in client.get_metric_history(self.run_id, k)] for k in keys}
 
+    def last_step(self, key: str) -> int:
+        """The last step this run has `key` logged at (0: none). A killed job may have logged
+        iterations past its last checkpoint; a resume replays them exactly (same seed) and the
+        driver does not log them twice."""
+        history = self.mlflow.MlflowClient(self.uri).get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
+
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
 

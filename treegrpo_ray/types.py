@@ -50,7 +50,7 @@ class TreeBatch:
     policy_version: int = 0       # version of the weights that grew this batch
     nfe: int = 0                  # transformer calls actually spent (CFG pair counts as one)
     variant: str = "tree"
-    extras: dict = field(default_factory=dict)  # free-form sampler metrics (floats only)
+    window_start: int = -1        # the SDE window's first step p the sampler was asked for (flat ignores it)
 
     @property
     def num_decisions(self) -> int:
@@ -103,7 +103,16 @@ class TreeBatch:
         trees = int(self.tree_index.max()) + 1 if self.tree_index.numel() else 0
         return BatchInfo(prompts=list(self.prompts), leaf_prompt=self.leaf_prompt.clone(),
                          policy_version=self.policy_version, nfe=self.nfe, num_decisions=self.num_decisions,
-                         trees=trees, nbytes=self.nbytes + leaf_bytes, leaf_bytes=leaf_bytes, extras=dict(self.extras))
+                         trees=trees, nbytes=self.nbytes + leaf_bytes, leaf_bytes=leaf_bytes,
+                         window_start=self.window_start)
+
+
+@dataclass(frozen=True)
+class CallReport:
+    """What a sampler actor says about one call, beside the batch it grew (Ray; None in-process)."""
+    sample_s: float               # busy seconds: loading the weights and growing the trees
+    restarted: bool               # the actor was restarted (Ray) since its previous call
+    weights_verified: bool        # the weights it grew with matched their publish fingerprint
 
 
 @dataclass
@@ -118,11 +127,17 @@ class BatchInfo:
     trees: int                    # trees (groups) in the batch
     nbytes: int                   # the batch's tensor bytes, leaf latents included
     leaf_bytes: int = 0           # of which leaf latents (they go to the reward pool, not the learner)
-    extras: dict = field(default_factory=dict)
+    window_start: int = -1        # as TreeBatch.window_start
+    call: CallReport | None = None  # the sampler call's own report (Ray)
 
     @property
     def num_leaves(self) -> int:
         return self.leaf_prompt.shape[0]
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of its tensors and prompt text: what fetching it moves, less pickle's framing."""
+        return self.leaf_prompt.nbytes + sum(len(p.encode()) for p in self.prompts)
 
 
 _TENSOR_FIELDS = ("sigmas", "latents", "step_index", "children", "old_log_probs", "child_node", "decision_prompt",
@@ -152,8 +167,7 @@ def merge_infos(infos: list[BatchInfo]) -> BatchInfo:
     return BatchInfo(prompts=prompts, leaf_prompt=leaf_prompt, policy_version=min(i.policy_version for i in infos),
                      nfe=sum(i.nfe for i in infos), num_decisions=sum(i.num_decisions for i in infos),
                      trees=sum(i.trees for i in infos), nbytes=sum(i.nbytes for i in infos),
-                     leaf_bytes=sum(i.leaf_bytes for i in infos),
-                     extras=dict(infos[0].extras))
+                     leaf_bytes=sum(i.leaf_bytes for i in infos), window_start=infos[0].window_start)
 
 
 def merge_batches(batches: list[TreeBatch]) -> TreeBatch:

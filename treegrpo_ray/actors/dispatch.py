@@ -4,7 +4,6 @@
 benchmark drives it with sleeping stand-in actors, so what it measures is this code."""
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +13,7 @@ import torch
 from ray.exceptions import ObjectLostError, RayActorError, RayError
 
 from treegrpo_ray import preemption
-from treegrpo_ray.system import Collected
+from treegrpo_ray.system import Collected, ScoreReply
 
 
 def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
@@ -28,18 +27,28 @@ def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def serialized_bytes(obj) -> int:
-    """What fetching `obj` moved into the driver (its pickle; tensors and arrays by their buffers)."""
-    return len(pickle.dumps(obj, protocol=5))
+@dataclass
+class SampleCall:
+    """The refs of one sampler call (`SamplerActor.sample`, num_returns = 2 + chunks), each for
+    its own reader: the BatchInfo the driver fetches, the batch the learner fetches, and the leaf
+    chunks the reward pool fetches."""
+    info: ray.ObjectRef
+    batch: ray.ObjectRef
+    leaf_chunks: list
+
+    @classmethod
+    def of(cls, refs) -> "SampleCall":
+        refs = list(refs)
+        return cls(refs[0], refs[1], refs[2:])
 
 
 @dataclass
 class Reissue:
     """How to run a call again when its actor or node was lost (None: such calls are dropped, as
-    before). `submit(i)` issues call i again (fresh refs, same arguments: a call is a pure function
+    before). `submit(i)` issues call i again (a fresh SampleCall, same arguments: a call is a pure function
     of its prompts, window, seed and weights, so the retry grows the same trees); `sampler_of[i]`
     is its actor; a call may wait `wait_s` for Ray to bring its actors back on a node."""
-    submit: Callable[[int], list]
+    submit: Callable[[int], SampleCall]
     sampler_of: list
     wait_s: float
     log: Callable[[str], None] = print
@@ -59,9 +68,9 @@ def actor_dead(actor) -> bool:
     return state is not None and state.state == "DEAD"
 
 
-def collect_iteration(calls: list[list], rewards: list, chunks: int, *, started: float, timeout_s: float,
+def collect_iteration(calls: list[SampleCall], rewards: list, chunks: int, *, started: float, timeout_s: float,
                       trees: list[int] | None = None, reissue: Reissue | None = None) -> Collected:
-    """calls[i] = [info_ref, batch_ref, leaf_chunk_ref_0, ...] of sampler call i. As each call
+    """calls[i]: the refs of sampler call i. As each call
     finishes, its leaf chunks go by reference to the least-loaded live reward actor; rewards come
     back matched to (call, chunk). The driver fetches only infos and rewards; batches stay refs.
 
@@ -102,12 +111,12 @@ class _Iteration:
     """The state of one iteration's collection: calls waiting on samplers, chunks in flight on
     reward actors, retries due, results and failures."""
 
-    def __init__(self, calls: list[list], rewards: list, chunks: int, reissue: Reissue | None):
-        self.calls, self.rewards, self.chunks, self.reissue = [list(c) for c in calls], rewards, chunks, reissue
+    def __init__(self, calls: list[SampleCall], rewards: list, chunks: int, reissue: Reissue | None):
+        self.calls, self.rewards, self.chunks, self.reissue = list(calls), rewards, chunks, reissue
         self.infos: dict[int, object] = {}
-        self.scores: dict[tuple[int, int], tuple] = {}
+        self.scores: dict[tuple[int, int], ScoreReply] = {}
         self.failed: dict[int, BaseException] = {}
-        self.waiting = {refs[0]: i for i, refs in enumerate(self.calls)}
+        self.waiting = {call.info: i for i, call in enumerate(self.calls)}
         self.inflight: dict = {}                   # score ref -> (call, chunk, reward actor, attempt)
         self.due: dict[tuple[int, int], float] = {}  # (call, chunk or -1 for the whole call) -> retry time
         self.lost_since: dict[int, float] = {}
@@ -126,7 +135,7 @@ class _Iteration:
         lo, hi = chunk_bounds(len(prompts), self.chunks)[c]
         a = min(self.live, key=self.load.__getitem__)
         self.load[a] += 1
-        self.inflight[self.rewards[a].score.remote(self.calls[i][2 + c], prompts[lo:hi])] = (i, c, a, self.attempt[i])
+        self.inflight[self.rewards[a].score.remote(self.calls[i].leaf_chunks[c], prompts[lo:hi])] = (i, c, a, self.attempt[i])
 
     def sampled(self, ref) -> None:
         i = self.waiting.pop(ref)
@@ -138,7 +147,7 @@ class _Iteration:
                 self.failed[i] = e
             return
         self.lost_since.pop(i, None)
-        self.out.driver_bytes += serialized_bytes(info)
+        self.out.driver_bytes += info.payload_bytes
         for c in range(self.chunks):
             self.score(i, c)
 
@@ -164,7 +173,7 @@ class _Iteration:
             elif not self.lost(i, -1 if isinstance(e, ObjectLostError) else c, e, "a reward chunk"):
                 self.failed.setdefault(i, e)  # (ObjectLostError: the leaves went with the sampler's node)
             return
-        self.out.driver_bytes += serialized_bytes(self.scores[(i, c)])
+        self.out.driver_bytes += self.scores[(i, c)].payload_bytes
 
     def lost(self, i: int, c: int, e: BaseException, who: str) -> bool:
         """Schedule a retry of call i (c = -1) or of its chunk c; False if this loss is not retried."""
@@ -194,8 +203,8 @@ class _Iteration:
                 self.infos.pop(i, None)
                 for cc in range(self.chunks):
                     self.scores.pop((i, cc), None)
-                self.calls[i] = list(self.reissue.submit(i))
-                self.waiting[self.calls[i][0]] = i
+                self.calls[i] = self.reissue.submit(i)
+                self.waiting[self.calls[i].info] = i
             elif i in self.infos and i not in self.failed and (i, -1) not in self.due:
                 self.score(i, c)
 
@@ -204,8 +213,8 @@ class NodeLost(RuntimeError):
     """A lost actor did not come back within pools.lost_node_wait_s."""
 
 
-def _assemble(out: Collected, calls: list[list], infos: dict, scores: dict, failed: dict, chunks: int,
-              trees: list[int] | None) -> None:
+def _assemble(out: Collected, calls: list[SampleCall], infos: dict, scores: dict[tuple[int, int], ScoreReply],
+              failed: dict, chunks: int, trees: list[int] | None) -> None:
     """The calls that succeeded, in call order, each with its chunks' rewards concatenated; the
     failed ones counted in dropped_trees."""
     for i in range(len(calls)):
@@ -213,8 +222,8 @@ def _assemble(out: Collected, calls: list[list], infos: dict, scores: dict, fail
             out.dropped_trees += infos[i].trees if i in infos else (trees[i] if trees else 0)
             continue
         parts = [scores[(i, c)] for c in range(chunks)]
-        merged = {n: torch.cat([p[0][n] for p in parts]) for n in parts[0][0]}
-        info = infos[i]
-        out.add(calls[i][1], info, merged, sample_s=info.extras.get("sample_s", 0.0),
-                reward_s=sum(p[1] for p in parts), reward_parts=[p[4] for p in parts])
-        out.restarts += int(info.extras.get("reconstructed", 0.0)) + sum(int(p[2]) for p in parts)
+        merged = {n: torch.cat([p.rewards[n] for p in parts]) for n in parts[0].rewards}
+        info, call = infos[i], infos[i].call
+        out.add(calls[i].batch, info, merged, sample_s=call.sample_s if call else 0.0,
+                reward_s=sum(p.busy_s for p in parts), reward_parts=[p.seconds for p in parts])
+        out.restarts += int(bool(call and call.restarted)) + sum(int(p.restarted) for p in parts)

@@ -15,7 +15,7 @@ import uuid
 
 import ray
 
-from treegrpo_ray.actors.dispatch import Reissue, collect_iteration
+from treegrpo_ray.actors.dispatch import Reissue, SampleCall, collect_iteration
 from treegrpo_ray.actors.reward_actor import RewardActor
 from treegrpo_ray.actors.sampler_actor import SamplerActor
 from treegrpo_ray.actors.weight_store import WeightStore
@@ -77,9 +77,9 @@ class Pools:
         per = len(requests) // len(self.samplers)
         owner = [self.samplers[j // per] for j in range(len(requests))]
 
-        def submit(j: int) -> list:
+        def submit(j: int) -> SampleCall:
             r = requests[j]
-            return owner[j].sample.options(**opts).remote(r.prompts, r.window_start, r.seed, weights)
+            return SampleCall.of(owner[j].sample.options(**opts).remote(r.prompts, r.window_start, r.seed, weights))
         calls = [submit(j) for j in range(len(requests))]
         trees = [len(r.prompts) * self.trees_per_prompt for r in requests]
         return time.perf_counter(), calls, trees, Reissue(submit, owner, self.lost_node_wait_s, self.log)
@@ -95,10 +95,9 @@ class Pools:
 
     def evaluate(self, prompts: list[str], seed: int):
         latents = self.samplers[0].evaluate.remote(prompts, seed)
-        scores, _, restarted, images, _ = ray.get(self.rewards[0].score.remote(latents, prompts, EVAL_GRID_IMAGES,
-                                                                               True))
-        self.eval_restarts += int(restarted)
-        return scores, images
+        reply = ray.get(self.rewards[0].score.remote(latents, prompts, EVAL_GRID_IMAGES, True))
+        self.eval_restarts += int(reply.restarted)
+        return reply.rewards, reply.images
 
     def close(self) -> None:
         for a in self.samplers + self.rewards + [self.store]:

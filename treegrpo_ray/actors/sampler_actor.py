@@ -7,7 +7,6 @@ its leaves (the learner fetches it), and the leaf latents in chunks (the reward 
 so no latent passes through the driver."""
 from __future__ import annotations
 
-import os
 import time
 
 import ray
@@ -19,6 +18,7 @@ from treegrpo_ray.actors.weight_store import buckets, reconstructed
 from treegrpo_ray.config import from_dict
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.system import split_leaves
+from treegrpo_ray.types import CallReport
 
 
 class SamplerActor:
@@ -52,16 +52,17 @@ class SamplerActor:
         self._load(ray.get(self.store.latest.remote(self.version)))
 
     def sample(self, prompts: list[str], window_start: int, seed: int, weights=None):
-        """-> (BatchInfo, batch without leaves, leaf chunk 0, ..., leaf chunk n-1). weights: what
-        to sample with (see _load); None: the store's newest."""
+        """-> (BatchInfo, batch without leaves, leaf chunk 0, ..., leaf chunk n-1): separate
+        returns, so each reader fetches only its part (`dispatch.SampleCall` names them). weights:
+        what to sample with (see _load); None: the store's newest."""
         t0 = time.perf_counter()
         self._load(weights) if weights is not None else self._pull()
         batch = self.sampler.sample(prompts, window_start=window_start, seed=seed, policy_version=self.version)
         batch, leaves = split_leaves(batch)
-        batch.extras["sample_s"] = time.perf_counter() - t0
-        batch.extras["reconstructed"], self.restarted = float(self.restarted), False
-        batch.extras["weights_verified"] = float(self.verified)
-        return (batch.info(leaves.nbytes), batch, *torch.tensor_split(leaves, self.num_chunks))
+        info = batch.info(leaves.nbytes)
+        info.call = CallReport(time.perf_counter() - t0, self.restarted, self.verified)
+        self.restarted = False
+        return (info, batch, *torch.tensor_split(leaves, self.num_chunks))
 
     def evaluate(self, prompts: list[str], seed: int) -> torch.Tensor:
         self._pull()
@@ -70,6 +71,3 @@ class SamplerActor:
     def ready(self) -> str:
         """The id of the node this actor runs on (the driver logs where each pool landed)."""
         return ray.get_runtime_context().get_node_id()
-
-    def pid(self) -> int:
-        return os.getpid()

@@ -80,21 +80,22 @@ class RewardModel:
     def names(self) -> list[str]:
         return list(self.scorers)
 
-    def score_images_with_metrics(self, images: torch.Tensor, prompts: list[str],
-                                  evaluation: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def score_images_timed(self, images: torch.Tensor, prompts: list[str],
+                           evaluation: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """-> (scores, seconds each scorer took). evaluation: also the eval-only scorers."""
         check_batch(images, prompts)
-        scores, metrics = {}, {}
+        scores, seconds = {}, {}
         for name, scorer in self.scorers.items():
             if name in self.eval_only and not evaluation:
                 continue
             t0 = time.perf_counter()
             scores[name] = scorer(images, prompts)                         # (B,)
-            metrics[f"time/reward/{name}_s"] = time.perf_counter() - t0
-            metrics[f"reward/{name}/nonfinite"] = float((~torch.isfinite(scores[name])).sum())
-        return scores, metrics
+            seconds[name] = time.perf_counter() - t0
+        return scores, seconds
 
-    def score_latents_with_metrics(self, latents: torch.Tensor, prompts: list[str],
-                                   evaluation: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def score_latents_timed(self, latents: torch.Tensor, prompts: list[str],
+                            evaluation: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """-> (scores, seconds per part: "decode" and each scorer)."""
         if self.decoder is None:
             raise ValueError("this RewardModel has no decoder: build it with a pipeline path to score latents")
         if latents.dim() != 4 or len(prompts) != latents.shape[0]:
@@ -103,22 +104,15 @@ class RewardModel:
         t0 = time.perf_counter()
         images = self.decoder.decode(latents)                              # (B, 3, H, W)
         decode_s = time.perf_counter() - t0
-        scores, metrics = self.score_images_with_metrics(images, prompts, evaluation)
-        metrics["time/reward/decode_s"] = decode_s
-        return scores, metrics
+        scores, seconds = self.score_images_timed(images, prompts, evaluation)
+        return scores, {"decode": decode_s, **seconds}
 
     def score_images(self, images: torch.Tensor, prompts: list[str], evaluation: bool = False) -> dict[str, torch.Tensor]:
-        return self.score_images_with_metrics(images, prompts, evaluation)[0]
+        return self.score_images_timed(images, prompts, evaluation)[0]
 
     def score_latents(self, latents: torch.Tensor, prompts: list[str],
                       evaluation: bool = False) -> dict[str, torch.Tensor]:
-        return self.score_latents_with_metrics(latents, prompts, evaluation)[0]
-
-
-def timings(metrics: dict[str, float]) -> dict[str, float]:
-    """The time/reward/<part>_s entries of score_*_with_metrics -> {part: seconds}."""
-    return {k[len("time/reward/"):-len("_s")]: v for k, v in metrics.items()
-            if k.startswith("time/reward/") and k.endswith("_s")}
+        return self.score_latents_timed(latents, prompts, evaluation)[0]
 
 
 def _spec_dict(spec) -> dict:

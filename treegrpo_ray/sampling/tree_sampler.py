@@ -116,7 +116,7 @@ class TreeSampler:
         grow = self._grow_tree if self.variant == "tree" else self._grow_chains
         batch = grow(distinct, prompt_ids, window_start, gen)
         batch.policy_version, batch.nfe, batch.variant = int(policy_version), self.nfe, self.variant
-        batch.extras = {"window_start": float(window_start)}
+        batch.window_start = int(window_start)
         return batch.validate()
 
     # ------------------------------------------------------------------ tree
