@@ -24,14 +24,14 @@ import torch
 from treegrpo_ray.builders import load_prompts
 from treegrpo_ray.config import load_config
 from treegrpo_ray.driver import advantages, gather, requests_for
-from treegrpo_ray.learning.learner import decision_advantages
+from treegrpo_ray.algo.advantages import child_advantages
 from treegrpo_ray.local_system import LocalSystem
 from treegrpo_ray.types import merge_batches
 
 
 def gradient(system, batch, leaf_adv) -> torch.Tensor:
     learner = system.learner
-    adv = decision_advantages(batch, leaf_adv, weighting=learner.weighting, temperature=learner.temperature,
+    adv = child_advantages(batch, leaf_adv, weighting=learner.weighting, temperature=learner.temperature,
                               baseline=learner.baseline)
     learner.optimizer.zero_grad(set_to_none=True)
     loss, _ = learner._loss(batch, adv, torch.arange(batch.num_decisions), torch.device("cpu"))

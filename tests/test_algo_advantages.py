@@ -6,12 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from treegrpo_ray.algo.advantages import edge_advantages, edge_advantages_recursive, node_depths, normalize_per_prompt
+from treegrpo_ray.algo.advantages import node_values, node_values_recursive, node_depths, normalize_per_prompt
 from treegrpo_ray.algo.tree import build_tree
 
 torch.set_num_threads(1)
 NAN = float("nan")
-BOTH = [edge_advantages, edge_advantages_recursive]
+BOTH = [node_values, node_values_recursive]
 
 
 def test_normalize_per_prompt_hand_computed():
@@ -106,7 +106,7 @@ def test_uniform_root_value_of_a_full_tree_is_the_leaf_mean():
     t = build_tree(10, 3, 3, 0)
     leaves = torch.full((t.num_nodes,), NAN)
     leaves[t.leaves()] = torch.arange(27, dtype=torch.float32)
-    values = edge_advantages(t.parent, leaves)
+    values = node_values(t.parent, leaves)
     assert values[0].item() == pytest.approx(13.0)  # mean of 0..26
     # node 1 holds leaves 0..8 (its 9 grandchildren in breadth-first order): mean 4
     assert values[1].item() == pytest.approx(4.0)
@@ -153,8 +153,8 @@ def random_forests(draw):
        temperature=st.floats(0.05, 10.0))
 def test_vectorised_equals_recursive_on_random_forests(forest, weighting, temperature):
     parent, leaves, log_probs = forest
-    fast = edge_advantages(parent, leaves, weighting, log_probs, temperature)
-    slow = edge_advantages_recursive(parent, leaves, weighting, log_probs, temperature)
+    fast = node_values(parent, leaves, weighting, log_probs, temperature)
+    slow = node_values_recursive(parent, leaves, weighting, log_probs, temperature)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     # leaves keep their value; every value lies within the range of the leaf values
     is_leaf = ~torch.isnan(leaves)
@@ -183,16 +183,16 @@ def test_running_prompt_stats_by_hand():
     assert s.state() == {"a": [3.0, 5.0, 7.0], "b": [2.0, 4.0]}
 
 
-def test_combine_rewards_with_a_custom_normalizer_clips_after_it():
-    from treegrpo_ray.algo.combine import combine_rewards
+def test_leaf_advantages_with_a_custom_normalizer_clips_after_it():
+    from treegrpo_ray.algo.advantages import leaf_advantages
     raw = {"x": torch.tensor([0.0, 1.0, float("nan"), 3.0])}
     seen = []
 
     def normalize(r, ids):  # receives only the finite leaves
         seen.append((r.tolist(), ids.tolist()))
         return r * 10
-    adv, m = combine_rewards(raw, {"x": 1.0}, torch.tensor([0, 0, 1, 1]), clip=5.0, normalize=normalize)
+    adv, m = leaf_advantages(raw, {"x": 1.0}, torch.tensor([0, 0, 1, 1]), clip=5.0, normalize=normalize)
     assert seen == [([0.0, 1.0, 3.0], [0, 0, 1])]
     assert adv.tolist() == [0.0, 5.0, 0.0, 5.0] and m["reward/dropped"] == 1.0
     with pytest.raises(ValueError, match="mode='raw'"):
-        combine_rewards(raw, {"x": 1.0}, torch.tensor([0, 0, 1, 1]), mode="advantage", normalize=normalize)
+        leaf_advantages(raw, {"x": 1.0}, torch.tensor([0, 0, 1, 1]), mode="advantage", normalize=normalize)

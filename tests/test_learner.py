@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from treegrpo_ray.algo.sde import flow_sde_step
-from treegrpo_ray.learning.learner import GRPOLearner, TrainingDiverged, UpdateChangedNothing, decision_advantages
+from treegrpo_ray.algo.advantages import child_advantages
+from treegrpo_ray.learning.learner import GRPOLearner, TrainingDiverged, UpdateChangedNothing
 from treegrpo_ray.types import TreeBatch
 
 
@@ -54,13 +55,13 @@ def one_decision_batch(policy, k=2, seed=0):
         tree_index=torch.zeros(k, dtype=torch.long)).validate()
 
 
-def test_decision_advantages_read_child_values():
+def test_child_advantages_read_child_values():
     policy = ConstantVelocityPolicy()
     batch = one_decision_batch(policy, k=2)
-    adv = decision_advantages(batch, torch.tensor([1.0, -1.0]))
+    adv = child_advantages(batch, torch.tensor([1.0, -1.0]))
     assert adv.tolist() == [[1.0, -1.0]]
     # a dropped (NaN) leaf contributes a neutral 0, never NaN
-    adv = decision_advantages(batch, torch.tensor([float("nan"), -1.0]))
+    adv = child_advantages(batch, torch.tensor([float("nan"), -1.0]))
     assert adv.tolist() == [[0.0, -1.0]]
 
 
@@ -73,13 +74,13 @@ def test_parent_baseline_compares_siblings_hand_computed():
     leaf_adv = torch.tensor([1.0, 3.0, -1.0, -3.0])
     # paper: A(u -> c) = V(c); the depth-2 edges under node 1 are all positive although
     # leaf 3 is its node's worse child
-    assert decision_advantages(batch, leaf_adv).tolist() == [[2.0, -2.0], [1.0, 3.0], [-1.0, -3.0]]
+    assert child_advantages(batch, leaf_adv).tolist() == [[2.0, -2.0], [1.0, 3.0], [-1.0, -3.0]]
     # parent baseline: A(u -> c) = V(c) - V(u): node 1: 1 - 2, 3 - 2; node 2: -1 + 2, -3 + 2
-    assert decision_advantages(batch, leaf_adv, baseline="parent").tolist() == [[2.0, -2.0], [-1.0, 1.0], [1.0, -1.0]]
+    assert child_advantages(batch, leaf_adv, baseline="parent").tolist() == [[2.0, -2.0], [-1.0, 1.0], [1.0, -1.0]]
     chain = SimpleNamespace(parent=torch.tensor([-1, 0]), leaf_node=torch.tensor([1]),
                             child_node=torch.tensor([[1]]), node_log_prob=torch.zeros(2))
     with pytest.raises(ValueError, match="K >= 2"):
-        decision_advantages(chain, torch.tensor([1.0]), baseline="parent")
+        child_advantages(chain, torch.tensor([1.0]), baseline="parent")
 
 
 def test_update_raises_logprob_of_the_better_child():

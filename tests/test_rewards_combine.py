@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.rewards_fixtures import TINY_CLIP_CFG, random_images, save_hps_style, tiny_clip, tiny_vae
-from treegrpo_ray.algo.combine import combine_rewards, finite_mask
+from treegrpo_ray.algo.advantages import finite_mask, leaf_advantages
 from treegrpo_ray.rewards import REWARD_KINDS, JpegCompressibility, RewardModel, build_reward_model
 
 torch.set_num_threads(1)
@@ -19,13 +19,13 @@ W = {"a": 1.0, "b": 0.5}
 def test_raw_mode_by_hand():
     # r = a + 0.5 b = [1 + 0, 3 + 1, 2 + 2.5, 2 + 0.5] = [1, 4, 4.5, 2.5]
     # prompt 0: mean 2.5, population std 1.5 -> [-1, 1]; prompt 1: mean 3.5, std 1 -> [1, -1]
-    adv, m = combine_rewards(RAW, W, IDS, mode="raw", eps=0.0)
+    adv, m = leaf_advantages(RAW, W, IDS, mode="raw", eps=0.0)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 1.0, -1.0]))
     assert m["reward/combined/mean"] == pytest.approx(3.0)       # (1 + 4 + 4.5 + 2.5) / 4
     assert m["reward/a/mean"] == pytest.approx(2.0) and m["reward/b/max"] == pytest.approx(5.0)
     assert m["reward/dropped"] == 0.0
     # eps = 1e-4: -1.5 / (1.5 + 1e-4) = -0.99993334
-    adv, _ = combine_rewards(RAW, W, IDS, mode="raw", eps=1e-4)
+    adv, _ = leaf_advantages(RAW, W, IDS, mode="raw", eps=1e-4)
     assert float(adv[0]) == pytest.approx(-1.5 / 1.5001, abs=1e-7)
 
 
@@ -33,10 +33,10 @@ def test_advantage_mode_by_hand():
     # a per prompt: [1, 3] -> [-1, 1]; [2, 2] has zero spread -> [0, 0]
     # b per prompt: [0, 2] -> [-1, 1]; [5, 1] -> [1, -1]
     # A = 1 * [-1, 1, 0, 0] + 0.5 * [-1, 1, 1, -1] = [-1.5, 1.5, 0.5, -0.5]
-    adv, _ = combine_rewards(RAW, W, IDS, mode="advantage", eps=0.0)
+    adv, _ = leaf_advantages(RAW, W, IDS, mode="advantage", eps=0.0)
     torch.testing.assert_close(adv, torch.tensor([-1.5, 1.5, 0.5, -0.5]))
     # clip = 1 applies to the sum: [-1, 1, 0.5, -0.5]
-    adv, _ = combine_rewards(RAW, W, IDS, mode="advantage", eps=0.0, clip=1.0)
+    adv, _ = leaf_advantages(RAW, W, IDS, mode="advantage", eps=0.0, clip=1.0)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.5, -0.5]))
     # the modes differ: raw mode gave prompt 1 [1, -1], here it is [0.5, -0.5]
 
@@ -44,7 +44,7 @@ def test_advantage_mode_by_hand():
 def test_nonfinite_leaf_is_counted_and_dropped():
     raw = {"a": torch.tensor([1.0, float("nan"), 2.0, 4.0, 6.0]), "b": torch.tensor([0.0, 1.0, float("inf"), 1.0, 3.0])}
     ids = torch.tensor([0, 0, 1, 1, 1])
-    adv, m = combine_rewards(raw, {"a": 1.0, "b": 1.0}, ids, mode="raw", eps=0.0)
+    adv, m = leaf_advantages(raw, {"a": 1.0, "b": 1.0}, ids, mode="raw", eps=0.0)
     # leaf 1 (a NaN) and leaf 2 (b inf) dropped. Prompt 0 keeps one leaf -> 0.
     # prompt 1 keeps leaves 3, 4 with r = [4 + 1, 6 + 3] = [5, 9] -> mean 7, std 2 -> [-1, 1]
     torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, 0.0, -1.0, 1.0]))
@@ -53,23 +53,23 @@ def test_nonfinite_leaf_is_counted_and_dropped():
     mask, _ = finite_mask(raw)
     assert mask.tolist() == [True, False, False, True, True]
     # everything dropped -> all-zero advantages, no NaN
-    adv, m = combine_rewards({"a": torch.full((3,), float("nan"))}, {"a": 1.0}, torch.zeros(3, dtype=torch.long))
+    adv, m = leaf_advantages({"a": torch.full((3,), float("nan"))}, {"a": 1.0}, torch.zeros(3, dtype=torch.long))
     assert adv.tolist() == [0.0, 0.0, 0.0] and m["reward/dropped"] == 3.0
 
 
 def test_combine_bad_input():
     with pytest.raises(ValueError, match=r"known rewards: \['a', 'b'\]"):
-        combine_rewards({**RAW, "hps": RAW["a"]}, W, IDS)
+        leaf_advantages({**RAW, "hps": RAW["a"]}, W, IDS)
     with pytest.raises(ValueError, match="missing from the scores"):
-        combine_rewards({"a": RAW["a"]}, W, IDS)
+        leaf_advantages({"a": RAW["a"]}, W, IDS)
     with pytest.raises(ValueError, match="shape"):
-        combine_rewards({"a": RAW["a"][:3], "b": RAW["b"]}, W, IDS)
+        leaf_advantages({"a": RAW["a"][:3], "b": RAW["b"]}, W, IDS)
     with pytest.raises(ValueError, match="mode"):
-        combine_rewards(RAW, W, IDS, mode="sum")
+        leaf_advantages(RAW, W, IDS, mode="sum")
     with pytest.raises(ValueError, match="non-empty"):
-        combine_rewards({"a": torch.zeros(0)}, {"a": 1.0}, torch.zeros(0, dtype=torch.long))
+        leaf_advantages({"a": torch.zeros(0)}, {"a": 1.0}, torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="finite"):
-        combine_rewards(RAW, {"a": 1.0, "b": float("nan")}, IDS)
+        leaf_advantages(RAW, {"a": 1.0, "b": float("nan")}, IDS)
 
 
 def test_scorer_bad_input():
@@ -104,7 +104,7 @@ def test_build_reward_model_and_score_latents(tmp_path):
     torch.testing.assert_close(scores["jpeg_compressibility"][:2], JpegCompressibility()(images[:2], prompts[:2]))
     assert torch.isnan(scores["hpsv2"][2]) and torch.isnan(scores["jpeg_compressibility"][2])
     assert list(seconds) == ["decode", "jpeg_compressibility", "hpsv2"] and min(seconds.values()) > 0
-    adv, m = combine_rewards(scores, rm.weights, torch.tensor([0, 1, 0]))
+    adv, m = leaf_advantages(scores, rm.weights, torch.tensor([0, 1, 0]))
     assert torch.isfinite(adv).all() and m["reward/dropped"] == 1.0
     with pytest.raises(ValueError, match="2 prompts for latents"):
         rm.score_latents(latents, prompts[:2])

@@ -3,7 +3,7 @@ forest, NFE actually spent, old log-probs reproduced by re-scoring, determinism,
 import pytest
 import torch
 
-from treegrpo_ray.algo.advantages import edge_advantages
+from treegrpo_ray.algo.advantages import node_values
 from treegrpo_ray.algo.sde import flow_sde_step, gaussian_log_prob
 from treegrpo_ray.algo.tree import count_nfe, count_nfe_flat
 from treegrpo_ray.models import DiffusionPolicy
@@ -103,7 +103,7 @@ def test_flat_shapes_chains_and_nfe(policy):
     # every edge of a chain inherits its trajectory's value (what flat GRPO trains on)
     leaf_values = torch.full((24,), float("nan"))
     leaf_values[b.leaf_node] = torch.arange(6.0)
-    assert edge_advantages(b.parent, leaf_values)[b.child_node[:, 0]].view(6, 3).tolist() == [[i] * 3 for i in range(6)]
+    assert node_values(b.parent, leaf_values)[b.child_node[:, 0]].view(6, 3).tolist() == [[i] * 3 for i in range(6)]
 
 
 def test_mix_shapes_window_and_chain_continuity(policy):

@@ -4,7 +4,7 @@
         requests  = requests_for(iteration)      # prompts, SDE window, noise seeds
         collected = system.collect(...)          # samplers grow trees; reward pool scores leaves
         kept      = drop stale trees             # version lag <= max_staleness (infos only: no latents here)
-        leaf_adv  = combine_rewards(...)         # per-prompt normalised leaf advantages
+        leaf_adv  = leaf_advantages(...)         # per-prompt normalised leaf advantages
         metrics   = system.update(...)           # learner fetches the trees, edge advantages + clipped GRPO
         log / evaluate / checkpoint
 
@@ -22,12 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from treegrpo_ray import builders, preemption, report, run_end, storage
-from treegrpo_ray.algo.advantages import RunningPromptStats
+from treegrpo_ray.algo.advantages import RunningPromptStats, combined_reward, leaf_advantages
 from treegrpo_ray.algo.seeds import iteration_seed, sampler_seed
 from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
 from treegrpo_ray.config import Config, flatten, groups_per_iteration
 from treegrpo_ray.drift import DriftWatch
-from treegrpo_ray.algo.combine import combine_rewards
 from treegrpo_ray.system import Collected, SampleRequest, System, concat_rewards
 from treegrpo_ray.run_folder import RunPaths, announce, redacted_config, resolve_output, resolve_paths
 from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
@@ -94,9 +93,10 @@ def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor], stats: RunningP
     if stats is not None:
         def normalize(r, ids):
             return stats.normalize(r, [batch.prompts[i] for i in ids.tolist()])
-    leaf_adv, metrics = combine_rewards(raw, builders.reward_weights(cfg), batch.leaf_prompt,
-                                        mode=cfg.rewards.aggregate, eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip,
-                                        std=cfg.learner.adv_std, normalize=normalize)
+    weights = builders.reward_weights(cfg)
+    leaf_adv, metrics = leaf_advantages(raw, weights, batch.leaf_prompt, mode=cfg.rewards.aggregate,
+                                        eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip, std=cfg.learner.adv_std,
+                                        normalize=normalize)
     dropped = metrics["reward/dropped"]  # leaves with a NaN/inf reward: advantage 0, counted here
     if dropped > cfg.rewards.max_nonfinite_fraction * leaf_adv.numel():
         raise RuntimeError(f"{int(dropped)} of {leaf_adv.numel()} leaves have non-finite rewards, more than "
@@ -105,8 +105,7 @@ def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor], stats: RunningP
     for name, r in raw.items():
         finite = r[torch.isfinite(r)]
         metrics[f"reward/{name}"] = float(finite.mean()) if finite.numel() else float("nan")
-    weights = builders.reward_weights(cfg)
-    combined = sum(weights[n] * raw[n].float() for n in raw) / sum(weights.values())  # (L,)
+    combined = combined_reward(raw, weights)  # (L,)
     finite = combined[torch.isfinite(combined)]
     metrics["reward/combined"] = float(finite.mean()) if finite.numel() else float("nan")
     metrics["reward/dropped_leaves"] = dropped
@@ -144,7 +143,7 @@ def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]):
             continue
         scores, imgs = system.evaluate(ps * cfg.eval_images_per_prompt, EVAL_SEED)  # row i: its own noise
         images = imgs if images is None else images
-        combined = sum(weights[n] * scores[n].float() for n in weights) / sum(weights.values())
+        combined = combined_reward(scores, weights)  # (B,); scores also hold the eval-only metrics
         out.update({f"{prefix}/{n}": float(s.float().nanmean()) for n, s in scores.items()})
         out[f"{prefix}/reward"] = float(combined.nanmean())
         if prefix == "eval":

@@ -11,7 +11,7 @@ One representation serves all three variants (`tree`, `flat`, `mix`):
 * A **leaf** is the final latent after the deterministic (ODE) tail, one per deepest node;
   ``leaf_node[l]`` is the node the leaf grew from (the leaf inherits that node's value).
 
-The value of every node comes from `algo.advantages.edge_advantages(parent, leaf_values)` and
+The value of every node comes from `algo.advantages.node_values(parent, leaf_values)` and
 the advantage of the edge decision -> child is the value of the child node.
 """
 from __future__ import annotations

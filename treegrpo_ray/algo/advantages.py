@@ -1,34 +1,127 @@
-"""Leaf reward normalisation and leaf -> root value propagation (TreeGRPO, arXiv 2512.08153, Sec. 3.3).
+"""Advantages, in one place, as the paper computes them (TreeGRPO, arXiv 2512.08153, Sec. 3.3;
+DESIGN.md §1). The pipeline, one function per stage, each named for what it returns:
 
-Implements (DESIGN.md §1):
+    leaf rewards (name -> (L,))
+      -> `leaf_advantages`   normalised per prompt, one (L,) advantage per leaf   [the driver]
+      -> `node_values`       leaf -> root value propagation over the forest, (M,) [the learner]
+      -> `child_advantages`  the advantage of each decision's K children, (N, K) [the learner]
 
-* per-prompt normalisation of leaf rewards, A = (r - mean_p) / (std_p + eps), population std over
-  every leaf of prompt p (all of that prompt's trees), optionally clipped to +-clip; or, as an
-  option (`std="batch"`/`"none"`), centred per prompt but scaled by one batch-wide std or not at all;
-* value propagation on a node forest: a leaf node keeps its normalised reward, an inner node's
-  value is the weighted mean of its children's values, and the edge u -> c gets advantage V(c).
-  Weights are "uniform" (the authors' released code) or "softmax" over the children of
-  log_probs / temperature (the paper's "weighted by generation probability"; log_probs[c] is the
-  old log-prob of the edge into c). With per-element-mean log-probs the children of one node
-  differ by O(1/(C*H*W)) so softmax is nearly uniform unless the temperature is small; with
-  sum-reduced log-probs it can be very peaked.
-
-`edge_advantages` is the vectorised version (levels processed bottom-up with index_add);
-`edge_advantages_recursive` is its slow, readable twin; a property test holds them equal.
+* `leaf_advantages` combines several rewards (TreeGRPO's multi-reward setting, HPSv2.1 +
+  CLIPScore, Sec. 4) in one of two modes: "raw", r = sum_n w_n r_n then A = normalise(r) (clip
+  once, on A); "advantage", A = sum_n w_n normalise(r_n) clamped to +-clip, each reward on its own
+  per-prompt scale first, so a reward with a large numeric range (JPEG kB) does not drown a small
+  one (HPS ~0.3); the sum is not re-normalised, so sum |w_n| sets its scale. A leaf with NaN/inf in
+  any reward is dropped: left out of its prompt's mean/std, advantage exactly 0, counted in
+  `reward/<name>/nonfinite` and `reward/dropped`; no NaN reaches the advantages.
+* `normalize_per_prompt`: A = (r - mean_p) / (std_p + eps), population std over every leaf of
+  prompt p (all of its trees), optionally clipped to +-clip; or (`std="batch"`/`"none"`) centred
+  per prompt but scaled by one batch-wide std or not at all. `RunningPromptStats` is DDPO's
+  baseline in place of GRPO's group: per-prompt statistics over a buffer that persists across
+  iterations (Black et al. 2023, arXiv 2305.13301, §4.2).
+* `node_values`: a leaf node keeps its normalised reward, an inner node's value is the weighted
+  mean of its children's values, and the edge u -> c gets advantage V(c). Weights are "uniform"
+  (the authors' released code) or "softmax" over the children of log_probs / temperature (the
+  paper's "weighted by generation probability"; log_probs[c] is the old log-prob of the edge into
+  c). With per-element-mean log-probs the children of one node differ by O(1/(C*H*W)), so softmax
+  is nearly uniform unless the temperature is small; with sum-reduced log-probs it can be very
+  peaked. It is vectorised (levels bottom-up with index_add); `node_values_recursive` is its slow,
+  readable twin, and a property test holds them equal.
 
 Conventions / departures:
 * A prompt with a single leaf (or zero spread with eps = 0) gets advantage 0, not NaN.
 * Statistics are computed in float64; results come back in float32.
-* The flat baseline (Flow-GRPO / DanceGRPO) uses `normalize_per_prompt` on trajectory rewards;
-  the learner gives every trained step of a trajectory that advantage (a chain's only leaf).
-* `RunningPromptStats` is DDPO's baseline instead of GRPO's group: per-prompt statistics over
-  a buffer that persists across iterations (Black et al. 2023, arXiv 2305.13301, §4.2).
+* The flat baseline (Flow-GRPO / DanceGRPO) normalises trajectory rewards the same way; every
+  trained step of a trajectory gets its advantage (a chain's only leaf).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+
+
+MODES = ("raw", "advantage")
+
+
+def _check(raw: dict[str, torch.Tensor], weights: dict[str, float], prompt_ids: torch.Tensor, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
+    if not raw:
+        raise ValueError("no rewards given")
+    unknown = sorted(set(raw) - set(weights))
+    if unknown:
+        raise ValueError(f"no weight for reward(s) {unknown}; known rewards: {sorted(weights)}")
+    missing = sorted(set(weights) - set(raw))
+    if missing:
+        raise ValueError(f"weighted reward(s) {missing} missing from the scores; got {sorted(raw)}")
+    for name, w in weights.items():
+        if not math.isfinite(float(w)):
+            raise ValueError(f"weight of reward '{name}' must be finite, got {w}")
+    if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
+        raise ValueError(f"prompt_ids must be a non-empty (L,) tensor, got shape {tuple(prompt_ids.shape)}")
+    for name, r in raw.items():
+        if tuple(r.shape) != tuple(prompt_ids.shape):
+            raise ValueError(f"reward '{name}' has shape {tuple(r.shape)}; expected {tuple(prompt_ids.shape)} "
+                             f"like prompt_ids")
+
+
+def finite_mask(raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """(L,) bool, True where every reward is finite, and the per-reward non-finite counts."""
+    names = sorted(raw)
+    finite = {n: torch.isfinite(raw[n].float()) for n in names}
+    mask = torch.stack([finite[n] for n in names]).all(dim=0)               # (L,)
+    metrics = {f"reward/{n}/nonfinite": float((~finite[n]).sum()) for n in names}
+    metrics["reward/dropped"] = float((~mask).sum())
+    return mask, metrics
+
+
+def _stats(prefix: str, r: torch.Tensor) -> dict[str, float]:
+    if r.numel() == 0:
+        return {}
+    return {f"{prefix}/mean": float(r.mean()), f"{prefix}/std": float(r.std(unbiased=False)),
+            f"{prefix}/min": float(r.min()), f"{prefix}/max": float(r.max())}
+
+
+def leaf_advantages(raw: dict[str, torch.Tensor], weights: dict[str, float], prompt_ids: torch.Tensor,
+                    mode: str = "raw", eps: float = 1e-4,
+                    clip: float | None = None, std: str = "prompt",
+                    normalize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Several raw rewards per leaf -> one normalised advantage per leaf (see the module docstring).
+    raw: name -> (L,) rewards; weights: name -> float (same names); prompt_ids (L,) long;
+    std: how centred rewards are scaled (`normalize_per_prompt`); normalize:
+    (combined finite rewards (L',), their prompt_ids) -> (L',) advantages in place of the group
+    normalisation ("raw" mode only; e.g. DDPO's `RunningPromptStats`), clipped to +-clip after.
+    Returns (advantages (L,) float32, metrics of python floats)."""
+    _check(raw, weights, prompt_ids, mode)
+    mask, metrics = finite_mask(raw)
+    ids = prompt_ids[mask]                                                  # (L',)
+    kept = {n: raw[n].float()[mask].double() for n in sorted(raw)}          # name -> (L',)
+    for n, r in kept.items():
+        metrics.update(_stats(f"reward/{n}", r))
+    adv = torch.zeros(prompt_ids.shape[0], dtype=torch.float32, device=prompt_ids.device)
+    if ids.numel() == 0:
+        return adv, metrics
+    if mode == "raw":
+        combined = sum(float(weights[n]) * r for n, r in kept.items())      # (L',) float64
+        metrics.update(_stats("reward/combined", combined))
+        if normalize is None:
+            a = normalize_per_prompt(combined, ids, eps=eps, clip=clip, std=std)
+        else:
+            a = normalize(combined, ids)
+            a = a.clamp(-clip, clip) if clip is not None else a
+    elif normalize is not None:
+        raise ValueError("a custom normalize needs mode='raw' (one combined reward per leaf)")
+    else:
+        a = sum(float(weights[n]) * normalize_per_prompt(r, ids, eps=eps, clip=None, std=std) for n, r in kept.items())
+        if clip is not None:
+            if clip <= 0:
+                raise ValueError(f"clip must be > 0 or None, got {clip}")
+            a = a.clamp(-clip, clip)
+    adv[mask] = a.float().to(adv.device)
+    metrics["adv/leaf_abs_mean"] = float(adv[mask].abs().mean())
+    return adv, metrics
 
 
 STD_MODES = ("prompt", "batch", "none")
@@ -150,9 +243,9 @@ def node_depths(parent: torch.Tensor) -> torch.Tensor:
     raise ValueError("parent array contains a cycle")
 
 
-def edge_advantages(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str = "uniform",
+def node_values(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str = "uniform",
                     log_probs: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """Value of every node of a forest; the advantage of edge u -> c is values[c].
+    """Value of every node of a forest (the paper's edge advantage of u -> c is values[c]).
 
     parent (M,) long (-1 for roots, any node order); leaf_values (M,) with the normalised reward
     at childless nodes and NaN elsewhere; log_probs (M,) old log-prob of the edge into each node
@@ -196,9 +289,9 @@ def edge_advantages(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: 
     return values.float()
 
 
-def edge_advantages_recursive(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str = "uniform",
+def node_values_recursive(parent: torch.Tensor, leaf_values: torch.Tensor, weighting: str = "uniform",
                               log_probs: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """Slow, readable twin of `edge_advantages` (plain python recursion over child lists)."""
+    """Slow, readable twin of `node_values` (plain python recursion over child lists)."""
     _check_forest(parent, leaf_values, weighting, log_probs, temperature)
     parents = parent.tolist()
     leaf = leaf_values.double().tolist()
@@ -237,3 +330,43 @@ def edge_advantages_recursive(parent: torch.Tensor, leaf_values: torch.Tensor, w
     for node in range(len(parents)):
         value(node, set())
     return torch.tensor(values, dtype=torch.float32, device=parent.device)
+
+
+def child_advantages(forest, leaf_advantages: torch.Tensor, *, weighting: str = "uniform",
+                     temperature: float = 1.0, baseline: str = "none") -> torch.Tensor:
+    """Per-child advantages (N, K) of a batch's decisions from its per-leaf advantages (L,):
+    propagate leaf -> root (`node_values`), then read the value of each decision's children.
+    forest: anything with the TreeBatch fields parent (M,), child_node (N, K), leaf_node (L,) and
+    node_log_prob (M,) (used by "softmax"). Leaves whose reward was dropped (NaN) get the neutral
+    value 0 (they push neither way); their siblings still train.
+
+    baseline="none":   A(u -> c) = V(c), the paper's edge advantage.
+    baseline="parent": A(u -> c) = V(c) - V(u), each child against its siblings. V(u) was settled
+        by the decisions above u, so in V(c) it is noise for u's own choice; subtracting it keeps
+        the expected gradient (up to the factor (K-1)/K of a group mean that includes the child,
+        as in GRPO) and removes that noise. Only for decisions with K >= 2 children (trees).
+    """
+    m = forest.parent.shape[0]
+    leaf_values = torch.full((m,), float("nan"))
+    leaf_values[forest.leaf_node] = leaf_advantages.float().cpu()
+    dropped = ~torch.isfinite(leaf_values[forest.leaf_node])
+    if dropped.any():
+        leaf_values[forest.leaf_node[dropped]] = 0.0  # neutral value: no push either way
+    values = node_values(forest.parent, leaf_values, weighting=weighting,
+                         log_probs=forest.node_log_prob if weighting == "softmax" else None, temperature=temperature)
+    adv = values[forest.child_node]  # (N, K)
+    if baseline == "parent":
+        if forest.child_node.shape[1] < 2:
+            raise ValueError("baseline='parent' needs decisions with K >= 2 children; a chain (flat/mix) "
+                             "would get advantage 0 everywhere")
+        adv = adv - values[forest.parent[forest.child_node[:, 0]]][:, None]
+    elif baseline != "none":
+        raise ValueError(f"baseline must be 'none' or 'parent', got {baseline!r}")
+    return adv
+
+
+def combined_reward(raw: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """The weighted mean of a leaf's rewards, (L,) float32 (non-finite where any reward is): what
+    the run reports as `reward/combined` and `eval/reward` (`leaf_advantages` normalises the
+    weighted sum, which differs from it by the constant sum of the weights)."""
+    return sum(weights[n] * raw[n].float() for n in weights) / sum(weights.values())

@@ -1,9 +1,9 @@
 """The GRPO learner step over tree edges (no Ray; Ray Train wraps it in actors/train_loop.py).
 
 One iteration, as in the paper (TreeGRPO, Alg. 1):
-  1. leaf rewards -> per-prompt normalised leaf advantages (algo/combine.py)
-  2. leaf values -> node values by weighted averaging up the tree (algo.advantages.edge_advantages);
-     the advantage of edge u -> c is V(c)
+  1. leaf rewards -> per-prompt normalised leaf advantages (the driver: algo.advantages.leaf_advantages)
+  2. leaf values -> node values by weighted averaging up the tree, the advantage of edge u -> c is
+     V(c) (algo.advantages.child_advantages)
   3. for every decision u, ONE forward of the current policy at (x_u, t_u) gives mu_theta; the
      stored children are re-scored under it, ratio = exp(logp_new - logp_old), and the clipped
      surrogate is averaged over the K children and all decisions (algo.loss.grpo_clip_loss).
@@ -24,7 +24,7 @@ import statistics
 
 import torch
 
-from treegrpo_ray.algo.advantages import edge_advantages
+from treegrpo_ray.algo.advantages import child_advantages
 from treegrpo_ray.algo.loss import flow_grpo_kl, grpo_clip_loss, kl_to_reference
 from treegrpo_ray.algo.seeds import iteration_seed
 from treegrpo_ray.learning import sharding
@@ -41,38 +41,6 @@ class TrainingDiverged(RuntimeError):
 
 class UpdateChangedNothing(TrainingDiverged):
     """An optimizer step with a non-zero gradient left every weight of the policy as it was."""
-
-
-def decision_advantages(batch: TreeBatch, leaf_advantages: torch.Tensor, *, weighting: str = "uniform",
-                        temperature: float = 1.0, baseline: str = "none") -> torch.Tensor:
-    """Per-child advantages (N, K) from per-leaf advantages (L,): propagate leaf -> root, then
-    read the value of each decision's children. Leaves whose reward was dropped (NaN) given
-    the neutral value 0 (they push neither way); their siblings still train.
-
-    baseline="none":   A(u -> c) = V(c), the paper's edge advantage.
-    baseline="parent": A(u -> c) = V(c) - V(u), each child against its siblings. V(u) was settled
-        by the decisions above u, so in V(c) it is noise for u's own choice; subtracting it keeps
-        the expected gradient (up to the factor (K-1)/K of a group mean that includes the child,
-        as in GRPO) and removes that noise. Only for decisions with K >= 2 children (trees).
-    """
-    m = batch.parent.shape[0]
-    leaf_values = torch.full((m,), float("nan"))
-    leaf_values[batch.leaf_node] = leaf_advantages.float().cpu()
-    dropped = ~torch.isfinite(leaf_values[batch.leaf_node])
-    if dropped.any():
-        leaf_values[batch.leaf_node[dropped]] = 0.0  # neutral value: no push either way
-    values = edge_advantages(batch.parent, leaf_values, weighting=weighting,
-                             log_probs=batch.node_log_prob if weighting == "softmax" else None,
-                             temperature=temperature)
-    adv = values[batch.child_node]  # (N, K)
-    if baseline == "parent":
-        if batch.child_node.shape[1] < 2:
-            raise ValueError("baseline='parent' needs decisions with K >= 2 children; a chain (flat/mix) "
-                             "would get advantage 0 everywhere")
-        adv = adv - values[batch.parent[batch.child_node[:, 0]]][:, None]
-    elif baseline != "none":
-        raise ValueError(f"baseline must be 'none' or 'parent', got {baseline!r}")
-    return adv
 
 
 class GRPOLearner:
@@ -118,8 +86,8 @@ class GRPOLearner:
 
     # -- one iteration -------------------------------------------------------------------------
     def update(self, batch: TreeBatch, leaf_advantages: torch.Tensor, iteration: int = 0) -> dict[str, float]:
-        adv = decision_advantages(batch, leaf_advantages, weighting=self.weighting, temperature=self.temperature,
-                                  baseline=self.baseline)
+        adv = child_advantages(batch, leaf_advantages, weighting=self.weighting, temperature=self.temperature,
+                               baseline=self.baseline)                                    # (N, K)
         n = batch.num_decisions
         if n % (self.world_size * self.minibatches):
             raise ValueError(f"{n} decisions do not split into {self.world_size} workers x {self.minibatches} "

@@ -56,7 +56,7 @@ class LatentDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> (B, 3, H, W) float32 images in [0, 1] on the VAE's device.
         Non-finite latents give non-finite images; the scorers turn those into NaN scores that
-        combine_rewards counts and drops."""
+        leaf_advantages counts and drops."""
         if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must be (B, {self.latent_channels}, h, w), got {tuple(latents.shape)}")
         if latents.shape[0] == 0:

@@ -15,7 +15,7 @@ Implemented rewards and their sources:
 
 Common contract (enforced by `Scorer.__call__`): images must be a float (B, 3, H, W) tensor with
 B > 0 and values in [0, 1] (a [-1, 1] image is an error, not a silent shift); prompts a list of B
-strings. A row with non-finite pixels scores NaN, and scorers never hide NaN: `combine_rewards`
+strings. A row with non-finite pixels scores NaN, and scorers never hide NaN: `leaf_advantages`
 counts and drops those leaves. Scores come back as CPU float32.
 """
 from __future__ import annotations
