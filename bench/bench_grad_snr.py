@@ -9,7 +9,7 @@ sample -> score -> advantages), computes each one's GRPO gradient over all train
   cosine |g|^2 / (|g|^2 + s^2));
 * per prompt group, the std of its leaves' rewards at several window starts: groups whose 27
   leaves all score alike carry no signal, yet per-prompt std normalisation gives them
-  advantages of size ~1 (learner.adv_std).
+  advantages of size ~1 (advantage.std).
 
     PYTHONPATH=. python bench/bench_grad_snr.py --draws 8 [key=value ...]
 """

@@ -80,7 +80,12 @@ BAD = [
     (["learner.strategy=fsdp", "learner.kl_beta=0.01"], "learner.strategy", "reference denoiser is not sharded"),
     (["tree.variant=flat", "tree.group_size=27", "learner.edge_baseline=parent"], "learner.edge_baseline",
      "compares siblings"),
-    (["learner.adv_std=group"], "learner.adv_std", "is not one of"),
+    (["advantage.std=group"], "advantage.std", "is not one of"),
+    (["advantage.min_count=32"], "advantage.min_count", "is more than the 16 rewards a prompt keeps"),
+    (["advantage.stats=running", "rewards.aggregate=advantage"], "advantage.stats", "use rewards.aggregate=raw"),
+    (["learner.kl_form=kl"], "learner.kl_form", "is not one of flow_grpo, exact"),
+    (["learner.stale_correction=drop"], "learner.stale_correction", "is not one of recenter, decoupled, none"),
+    (["pools.reply_timeout_s=0"], "pools.reply_timeout_s", "must be > 0"),
     (["rewards.terms.0.name=aesthetics"], "rewards.terms.0.name", "unknown reward 'aesthetics'"),
     (["rewards.terms.0.clip_checkpoint=x.safetensors"], "rewards.terms.0.clip_checkpoint",
      "reward 'miniature' does not take clip_checkpoint"),
@@ -185,6 +190,26 @@ def test_flatten_redacts_secrets():
     assert flat["tracking.mlflow_uri"] == "https://***@mlflow.example/"
     assert flat["tree.k"] == "3"
     assert "hunter2" not in " ".join(flat.values())
+
+
+def test_a_moved_key_names_its_new_name(tmp_path):
+    # keys renamed by issue 37: an old YAML or override is an error that says what to write instead
+    with pytest.raises(ConfigError, match="'learner.adv_clip' is now 'advantage.clip'"):
+        load_config(overrides=["learner.adv_clip=3"])
+    old = tmp_path / "old.yaml"
+    old.write_text("learner:\n  cfg_grad: cond\n")
+    with pytest.raises(ConfigError, match="'learner.cfg_grad' is now 'learner.guidance_grad'"):
+        load_config(old)
+    assert load_config(overrides=["advantage.clip=3", "learner.guidance_grad=cond"]).advantage.clip == 3.0
+
+
+def test_choices_are_written_beside_their_fields_and_hold_the_defaults():
+    from treegrpo_ray.config import choices, get_dotted
+    found = choices()
+    assert found["tree.variant"] == ("tree", "flat", "mix") and found["advantage.std"] == ("prompt", "batch", "none")
+    assert {"learner.kl_form", "learner.stale_correction", "learner.guidance_grad", "mode"} <= set(found)
+    for key, allowed in found.items():
+        assert get_dotted(Config(), key) in allowed, key
 
 
 def test_every_field_documented():

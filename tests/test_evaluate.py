@@ -125,7 +125,7 @@ def test_drift_warns_only_when_the_reward_rises_and_a_watched_metric_falls_beyon
 def test_miniature_colour_on_other_prompts_stops_at_preflight():
     from treegrpo_ray import builders
     from treegrpo_ray.config import load_config
-    from treegrpo_ray.config_parse import ConfigError
+    from treegrpo_ray.config import ConfigError
     cfg = load_config("smoke", ["prompts=configs/prompts/example_prompts.txt", "eval_metrics=[miniature_colour]"])
     with pytest.raises(ConfigError, match="miniature_colour scores the miniature world's prompts only"):
         builders.preflight(cfg)

@@ -14,7 +14,7 @@ from tools.plan_calibrate import case_for, estimate, measure_in_subprocess, tiny
 from tools.tiny_pipelines import save_tiny, save_tiny_sd3
 from treegrpo_ray import plan
 from treegrpo_ray.config import load_config
-from treegrpo_ray.config_parse import ConfigError
+from treegrpo_ray.config import ConfigError
 from treegrpo_ray.plan.facts import model_facts
 
 GiB = 2 ** 30

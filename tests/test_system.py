@@ -91,7 +91,7 @@ def test_ddpo_running_stats_travel_in_the_checkpoint_and_resume_exactly(tiny_sd3
     """DDPO's baseline (flat, per-prompt running statistics): the buffers are run state; a resumed
     run that lost them would normalise iteration 3 with the batch's statistics instead."""
     ddpo = ["mode=local", "tree.variant=flat", "tree.flat_steps=batch", "learner.edge_baseline=none",
-            "learner.adv_stats=running", "learner.adv_buffer=8", "learner.adv_min_count=4", "learner.adv_eps=1e-6"]
+            "advantage.stats=running", "advantage.buffer=8", "advantage.min_count=4", "advantage.eps=1e-6"]
     full = run(smoke_cfg(tiny_sd3_dir, tmp_path / "full", *ddpo, "iterations=3"))
     run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", *ddpo, "iterations=2"))
     resumed = run(smoke_cfg(tiny_sd3_dir, tmp_path / "cut", *ddpo, "iterations=3", "checkpoint.resume=latest"))

@@ -119,7 +119,8 @@ def build_learner(cfg: Config, policy, *, module=None, rank: int = 0, world_size
                        grad_clip=lr.grad_clip, minibatches=lr.minibatches, epochs=lr.epochs,
                        micro_batch=lr.micro_batch, noise_level=cfg.tree.noise_level,
                        logprob_reduction=cfg.tree.logprob_reduction, max_bad_updates=lr.max_bad_updates,
-                       explode_factor=lr.explode_factor, stale_correction=lr.stale_correction, cfg_grad=lr.cfg_grad,
+                       explode_factor=lr.explode_factor, stale_correction=lr.stale_correction,
+                       guidance_grad=lr.guidance_grad,
                        rank=rank, world_size=world_size, seed=cfg.seed)
 
 

@@ -88,14 +88,14 @@ def gather(cfg: Config, collected: Collected, learner_version: int):
 
 def advantages(cfg: Config, batch, raw: dict[str, torch.Tensor], stats: RunningPromptStats | None = None):
     """batch: anything with the merged leaf_prompt (a BatchInfo or a TreeBatch); stats: DDPO's
-    running per-prompt statistics (learner.adv_stats=running), updated here, else the group's."""
+    running per-prompt statistics (advantage.stats=running), updated here, else the group's."""
     normalize = None
     if stats is not None:
         def normalize(r, ids):
             return stats.normalize(r, [batch.prompts[i] for i in ids.tolist()])
     weights = builders.reward_weights(cfg)
     leaf_adv, metrics = leaf_advantages(raw, weights, batch.leaf_prompt, mode=cfg.rewards.aggregate,
-                                        eps=cfg.learner.adv_eps, clip=cfg.learner.adv_clip, std=cfg.learner.adv_std,
+                                        eps=cfg.advantage.eps, clip=cfg.advantage.clip, std=cfg.advantage.std,
                                         normalize=normalize)
     dropped = metrics["reward/dropped"]  # leaves with a NaN/inf reward: advantage 0, counted here
     if dropped > cfg.rewards.max_nonfinite_fraction * leaf_adv.numel():
@@ -180,8 +180,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     train_prompts, eval_prompts = builders.load_prompts(cfg, "train"), builders.load_prompts(cfg, "eval")
     held_out = builders.load_prompts(cfg, "held_out")
     history: list[dict[str, float]] = []
-    stats = (RunningPromptStats(cfg.learner.adv_buffer, cfg.learner.adv_min_count, cfg.learner.adv_eps,
-                                state=paths.run_state.get("adv_stats")) if cfg.learner.adv_stats == "running" else None)
+    stats = (RunningPromptStats(cfg.advantage.buffer, cfg.advantage.min_count, cfg.advantage.eps,
+                                state=paths.run_state.get("adv_stats")) if cfg.advantage.stats == "running" else None)
     status, system, saved, step = "FAILED", None, (start if paths.resume_from else None), start
     try:
         system = build_system(cfg, paths.resume_from)

@@ -17,7 +17,6 @@ from treegrpo_ray.actors.pools import on_driver_node
 from treegrpo_ray.actors.train_loop import learner_loop
 from treegrpo_ray.config import Config
 
-REPLY_TIMEOUT_S = float(os.environ.get("TREEGRPO_REPLY_TIMEOUT_S", "1800"))
 
 
 class LearnerGroup:
@@ -107,7 +106,7 @@ class LearnerGroup:
         return self.seq
 
     def _wait(self, kind: type, seq: int | None = None):
-        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        deadline = time.monotonic() + self.cfg.pools.reply_timeout_s
         while time.monotonic() < deadline:
             if self.fit_error is not None:
                 raise RuntimeError(f"the learner (Ray Train) failed: {self.fit_error}") from self.fit_error
@@ -123,7 +122,7 @@ class LearnerGroup:
                 return msg
             if isinstance(msg, Ready):
                 self._restarted(msg)
-        raise TimeoutError(f"no {kind.__name__} reply from the learner within {REPLY_TIMEOUT_S} s")
+        raise TimeoutError(f"no {kind.__name__} reply from the learner within {self.cfg.pools.reply_timeout_s:g} s (pools.reply_timeout_s)")
 
     def _restarted(self, ready: Ready) -> None:
         """Ray Train restarted the group: drop stale copies of the pending command and send it again

@@ -22,9 +22,6 @@ from treegrpo_ray.actors.weight_store import WeightStore
 from treegrpo_ray.config import Config, ResourcesConfig, leaves_per_iteration
 from treegrpo_ray.system import EVAL_GRID_IMAGES, Collected, SampleRequest
 
-REPLY_TIMEOUT_S = float(os.environ.get("TREEGRPO_REPLY_TIMEOUT_S", "1800"))
-
-
 def on_driver_node() -> dict:
     """Options that keep an actor on the driver's node (hard affinity): the weight store and the
     learner's queues, which the run cannot lose, go down only with the driver itself."""
@@ -59,7 +56,7 @@ class Pools:
                          for _ in range(p.samplers)]
         self.rewards = [ray.remote(RewardActor).options(**ropts).remote(cfg_dict) for _ in range(p.rewards)]
         self.eval_restarts = 0  # reward actor restarts seen by evaluate, counted with the next iteration
-        self.lost_node_wait_s = p.lost_node_wait_s
+        self.lost_node_wait_s, self.reply_timeout_s = p.lost_node_wait_s, p.reply_timeout_s
         self.log = lambda line: print(line, flush=True)
 
     def wait_ready(self) -> dict[str, list[str]]:
@@ -86,7 +83,7 @@ class Pools:
 
     def collect(self, handle) -> Collected:
         started, calls, trees, reissue = handle
-        out = collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=REPLY_TIMEOUT_S,
+        out = collect_iteration(calls, self.rewards, self.chunks, started=started, timeout_s=self.reply_timeout_s,
                                 trees=trees, reissue=reissue)
         out.restarts, self.eval_restarts = out.restarts + self.eval_restarts, 0
         for a in sorted(out.dead_rewards, reverse=True):  # their restarts are used up: route around them

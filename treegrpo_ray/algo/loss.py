@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 
+KL_FORMS = ("flow_grpo", "exact")                     # learner.kl_form: see flow_grpo_kl, kl_to_reference
+STALE_CORRECTIONS = ("recenter", "decoupled", "none")  # learner.stale_correction: how trees older than the learner train
+
 
 def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
                    clip_eps: float, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:

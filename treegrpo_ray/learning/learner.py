@@ -25,14 +25,12 @@ import statistics
 import torch
 
 from treegrpo_ray.algo.advantages import child_advantages
-from treegrpo_ray.algo.loss import flow_grpo_kl, grpo_clip_loss, kl_to_reference
+from treegrpo_ray.algo.loss import KL_FORMS, STALE_CORRECTIONS, flow_grpo_kl, grpo_clip_loss, kl_to_reference
 from treegrpo_ray.algo.seeds import iteration_seed
 from treegrpo_ray.learning import sharding
 from treegrpo_ray.models.fingerprint import differing, digest, fingerprint
 from treegrpo_ray.types import TreeBatch
 
-
-STALE_CORRECTIONS = ("recenter", "decoupled", "none")
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,7 +50,7 @@ class GRPOLearner:
                  kl_beta: float = 0.0, kl_form: str = "flow_grpo",
                  grad_clip: float = 1.0, minibatches: int = 1, epochs: int = 1, micro_batch: int = 0,
                  noise_level: float = 0.7, logprob_reduction: str = "mean", max_bad_updates: int = 3,
-                 explode_factor: float = 100.0, stale_correction: str = "recenter", cfg_grad: str = "both",
+                 explode_factor: float = 100.0, stale_correction: str = "recenter", guidance_grad: str = "both",
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         self.policy, self.module = policy, module
         self.sharded = sharding.is_sharded(module)  # FSDP2: the float32 shards are the masters
@@ -67,8 +65,8 @@ class GRPOLearner:
         self.optimizer = torch.optim.AdamW(self.masters or self.params, lr=lr, weight_decay=weight_decay,
                                            betas=tuple(betas))
         self.clip_eps, self.weighting, self.temperature, self.kl_beta = clip_eps, weighting, temperature, kl_beta
-        if kl_form not in ("flow_grpo", "exact"):
-            raise ValueError(f"kl_form must be 'flow_grpo' or 'exact', got {kl_form!r}")
+        if kl_form not in KL_FORMS:
+            raise ValueError(f"kl_form must be one of {KL_FORMS}, got {kl_form!r}")
         self.kl_form = kl_form
         self.baseline = baseline
         self.grad_clip, self.minibatches, self.epochs, self.micro_batch = grad_clip, minibatches, epochs, micro_batch
@@ -77,9 +75,9 @@ class GRPOLearner:
         if stale_correction not in STALE_CORRECTIONS:
             raise ValueError(f"stale_correction must be one of {STALE_CORRECTIONS}, got {stale_correction!r}")
         self.stale_correction = stale_correction
-        if cfg_grad not in ("both", "cond"):
-            raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
-        self.cfg_grad = cfg_grad
+        if guidance_grad not in ("both", "cond"):
+            raise ValueError(f"guidance_grad must be 'both' or 'cond', got {guidance_grad!r}")
+        self.guidance_grad = guidance_grad
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.bad_in_a_row, self.skipped_total, self.version = 0, 0, 0
         self._norms: list[float] = []
@@ -235,7 +233,8 @@ class GRPOLearner:
         step = batch.step_index[rows]
         sigma, sigma_next = batch.sigmas[step].to(device), batch.sigmas[step + 1].to(device)  # (n,)
         prompts = [batch.prompts[j] for j in batch.decision_prompt[rows].tolist()]
-        out = self.policy.predict(latents, sigma, prompts, module=self.module, uncond_grad=self.cfg_grad == "both")
+        out = self.policy.predict(latents, sigma, prompts, module=self.module,
+                                  uncond_grad=self.guidance_grad == "both")
         new = self.policy.sde_step(latents, out, sigma, sigma_next, self.noise_level, prev_sample=children,
                                    reduction=self.reduction)
         return new, (latents, children, sigma, sigma_next, prompts)
