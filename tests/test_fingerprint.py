@@ -160,16 +160,16 @@ def test_bf16_weights_train_through_float32_masters():
     learner = GRPOLearner(policy, lr=1e-3, noise_level=0.7, grad_clip=0.0)
     batch = two_leaf_batch(policy)
     learner.update(batch, torch.tensor([1.0, -1.0]))     # a step below bf16's resolution is not an error now
-    assert policy.w.item() == 1.0 and learner.masters[0].item() != 1.0
+    assert policy.w.item() == 1.0 and learner.precision.masters[0].item() != 1.0
     for i in range(1, 12):
         learner.update(replace(batch, policy_version=i), torch.tensor([1.0, -1.0]), iteration=i)  # lag 0
-    master = learner.masters[0].item()
+    master = learner.precision.masters[0].item()
     assert abs(master - 1.0) > 2 ** -8                    # past half a bf16 ulp: the bf16 weight must have moved
     assert policy.w.item() == torch.tensor(master).to(torch.bfloat16).item() != 1.0
     # the state round-trips: a fresh learner over the same weights resumes from the same master
     twin = GRPOLearner(ScalarPolicy(policy.w.item(), torch.bfloat16), lr=1e-3, noise_level=0.7, grad_clip=0.0)
     twin.load_state(learner.state())
-    assert twin.masters[0].item() == master
+    assert twin.precision.masters[0].item() == master
 
 
 def test_zero_advantages_are_not_an_error():
