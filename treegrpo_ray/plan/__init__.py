@@ -45,7 +45,7 @@ DECODE_CHUNK = 16               # rewards/decode.LatentDecoder's batch_size
 ACTIVATIONS = {"sd3": {"grad": 35.6, "ckpt": 2.5, "recompute": 33.6, "nograd": 12.2},
                "flux": {"grad": 27.6, "ckpt": 3.1, "recompute": 25.4, "nograd": 15.1},
                "sd15": {"grad": 105.8, "ckpt": 13.3, "recompute": 23.2, "nograd": 8.5},
-               "qwenimage": {"grad": 27.6, "ckpt": 3.1, "recompute": 25.4, "nograd": 15.1}}
+               "qwenimage": {"grad": 29.7, "ckpt": 3.1, "recompute": 26.5, "nograd": 14.9}}  # fitted 2026-12-07
 # decode peak per image, in units of (H x W x vae_channels x 4 bytes); fitted on the real SD VAE structure
 VAE_DECODE = 5.9
 
