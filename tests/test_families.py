@@ -1,10 +1,10 @@
-"""The model families (issue 13; Qwen-Image: issue 36): FLUX.1, SD1.5/DDIM and Qwen-Image beside SD3.5, each as a tiny pipeline of
-its real architecture saved with `save_pretrained` and loaded back through the production
-`from_pretrained` path. For each: our ODE sampling equals the plain diffusers pipeline's own
-denoising loop, re-scoring reproduces the sampler's log-probs, NFE equals count_nfe, and a short
-in-process run trains and exports what plain diffusers loads (full fine-tune and LoRA). Qwen-Image's
-ODE-versus-pipeline test (with and without its norm-rescaled true CFG) and its decode test are in
-tests/test_family_qwenimage.py."""
+"""The model families (issue 13; Qwen-Image: issue 36): FLUX.1, SD1.5/DDIM and Qwen-Image beside
+SD3.5, each as a tiny pipeline of its real architecture saved with `save_pretrained` and loaded
+back through the production `from_pretrained` path. For each: our ODE sampling equals the plain
+diffusers pipeline's own denoising loop, re-scoring reproduces the sampler's log-probs, NFE equals
+count_nfe, and a short in-process run trains and exports what plain diffusers loads (full
+fine-tune and LoRA). Qwen-Image's ODE-versus-pipeline test (with and without its norm-rescaled
+true CFG) and its decode test are in tests/test_family_qwenimage.py."""
 
 import pytest
 import torch

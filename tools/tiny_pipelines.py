@@ -278,7 +278,8 @@ def build_tiny_qwenimage(tokenizer_dir: str | Path, seed: int = 0):
                                                                  vocab["<|im_end|>"], seed + 1))
 
 
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "sd15": build_tiny_sd15, "qwenimage": build_tiny_qwenimage}
+BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "sd15": build_tiny_sd15,
+            "qwenimage": build_tiny_qwenimage}
 
 
 def save_tiny(family: str, out_dir: str | Path, seed: int = 0, **kw) -> Path:

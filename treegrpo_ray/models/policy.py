@@ -1,7 +1,8 @@
 """The diffusion policy: a diffusers text-to-image pipeline seen as pi_theta(x_{t-1} | x_t, c).
 
 What the sampler and learner need from the model, and nothing else, for every supported family
-(SD3/SD3.5, FLUX.1, SD1.5 with DDIM, Qwen-Image: `models/families/`), chosen once from the pipeline's class:
+(SD3/SD3.5, FLUX.1, SD1.5 with DDIM, Qwen-Image: `models/families/`), chosen once from the
+pipeline's class:
 
 * loading by hub id or local dir through `DiffusionPipeline.from_pretrained` (HF_HUB_OFFLINE is
   honoured by huggingface_hub); components saved as null (e.g. SD3 without T5) load as None;
@@ -17,8 +18,8 @@ What the sampler and learner need from the model, and nothing else, for every su
   reference policy for the optional KL term.
 
 Departures from the diffusers pipelines: no skip-layer guidance, no negative prompt other than
-the family's ("", what the pipelines use by default; Qwen-Image " ", its published example), and the latent state is kept in float32 by the sampler
-while the denoiser runs in `dtype`.
+the family's ("", what the pipelines use by default; Qwen-Image " ", its published example), and
+the latent state is kept in float32 by the sampler while the denoiser runs in `dtype`.
 """
 from __future__ import annotations
 
@@ -118,11 +119,12 @@ class DiffusionPolicy:
         """Load a diffusers pipeline (hub id or local `save_pretrained` dir) as a policy.
 
         The family comes from the pipeline's class (model_index.json): StableDiffusion3Pipeline,
-        FluxPipeline, StableDiffusionPipeline (with a DDIMScheduler) or QwenImagePipeline. kind: "auto", or "flow" /
-        "ddim" to insist on one. dtype: "float32" | "bfloat16" | "float16" (weights of the denoiser
+        FluxPipeline, StableDiffusionPipeline (with a DDIMScheduler) or QwenImagePipeline. kind:
+        "auto", or "flow" / "ddim" to insist on one. dtype: "float32" | "bfloat16" | "float16" (weights of the denoiser
         and text encoders; LoRA adapters stay float32). device: "cpu", "cuda[:i]" or "auto".
         lora_rank 0 = full fine-tune; lora_alpha None = rank. guidance_scale: CFG scale (FLUX.1-dev:
-        the guidance embedding); true_cfg_scale: FLUX and Qwen-Image, real CFG with the family's negative prompt.
+        the guidance embedding); true_cfg_scale: FLUX and Qwen-Image, real CFG with the family's
+        negative prompt.
         max_sequence_length: T5 tokens per prompt (SD3 saved without T5 gets that many zero tokens).
         resolution: image side in pixels (None = the model's native size). seed: LoRA init.
         """
