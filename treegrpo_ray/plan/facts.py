@@ -167,10 +167,10 @@ def _local_component_params(root: Path, sub: str, library: str, cls_name: str) -
 
 def vae_geometry(vae_cfg: dict) -> tuple[int, int]:
     """(full-resolution channel width, pixels per latent side) of a VAE config: AutoencoderKL's
-    block_out_channels; Qwen-Image's 3-D VAE base_dim and 2**len(temperal_downsample)."""
-    if "temperal_downsample" in vae_cfg:
-        return vae_cfg.get("base_dim", 96), 2 ** len(vae_cfg["temperal_downsample"])
-    return vae_cfg["block_out_channels"][0], 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    block_out_channels[0]; Qwen-Image's 3-D VAE its base_dim. The scale factor is the policy's."""
+    from treegrpo_ray.models.policy import vae_scale_factor_of
+    width = vae_cfg.get("base_dim", 96) if "temperal_downsample" in vae_cfg else vae_cfg["block_out_channels"][0]
+    return width, vae_scale_factor_of(vae_cfg)
 
 
 def pipeline_dir(pretrained: str) -> Path | None:
