@@ -4,8 +4,8 @@ Sampling a tree calls the transformer hundreds of times for the same few prompts
 encoders (CLIP-L, CLIP-G, T5-XXL for SD3.5) must run once per distinct prompt per process, not
 once per step. The negative prompt for classifier-free guidance is the family's: the empty string,
 as in diffusers' `StableDiffusion3Pipeline.__call__` (negative_prompt=None -> ""), or Qwen-Image's
-" "; it is cached the same way: encoding "" as an ordinary prompt gives exactly the tensors the pipeline's CFG branch
-builds for it.
+" "; it is cached the same way: encoding it as an ordinary prompt gives exactly the tensors the
+pipeline's CFG branch builds for it.
 
 Each prompt is encoded on its own (a batch of one), never together with whatever else happened to
 be missing from the cache: a CPU or GPU matmul's result for one row depends on the batch it is in
