@@ -13,6 +13,7 @@ from treegrpo_ray import driver
 from treegrpo_ray.algo.tree import count_nfe
 from treegrpo_ray.config import load_config
 from treegrpo_ray.models import DiffusionPolicy
+from treegrpo_ray.models.families import Family
 from treegrpo_ray.models.families.flux import pack, unpack
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.sampling.tree_sampler import TreeSampler
@@ -38,6 +39,7 @@ def test_each_family_is_chosen_from_the_pipeline_class(pipelines):
         policy = load(pipelines[name])
         assert (type(policy.family).__name__, policy.family.kind, policy.family.denoiser_name) == expected[name]
         assert policy.denoiser is getattr(policy.pipeline, denoiser) and policy.latent_shape == (4, 8, 8)
+        assert isinstance(policy.family, Family)  # every member of the contract (runtime_checkable Protocol)
     assert type(load(pipelines["sd15"]).pipeline.scheduler).__name__ == "DDIMScheduler"  # swapped in from PNDM
 
 
