@@ -162,7 +162,7 @@ def test_the_pipeline_family_is_checked_before_any_cluster(tmp_path):
     preflight(load_config(None, ["model.kind=flow"]))                       # the miniature is an SD3 pipeline
     for overrides, message in ((["model.kind=ddim"], "model.kind: ddim but 'miniature' is a StableDiffusion3Pipeline "
                                                      "(flow); use model.kind=auto"),
-                               (["model.true_cfg_scale=3"], "model.true_cfg_scale: only FLUX takes it")):
+                               (["model.true_cfg_scale=3"], "model.true_cfg_scale: only FLUX and Qwen-Image take it")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             preflight(load_config(None, overrides))
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')

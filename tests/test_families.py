@@ -1,8 +1,10 @@
-"""The model families (issue 13): FLUX.1 and SD1.5/DDIM beside SD3.5, each as a tiny pipeline of
-its real architecture saved with `save_pretrained` and loaded back through the production
-`from_pretrained` path. For each: our ODE sampling equals the plain diffusers pipeline's own
-denoising loop, re-scoring reproduces the sampler's log-probs, NFE equals count_nfe, and a short
-in-process run trains and exports what plain diffusers loads (full fine-tune and LoRA)."""
+"""The model families (issue 13; Qwen-Image: issue 36): FLUX.1, SD1.5/DDIM and Qwen-Image beside
+SD3.5, each as a tiny pipeline of its real architecture saved with `save_pretrained` and loaded
+back through the production `from_pretrained` path. For each: our ODE sampling equals the plain
+diffusers pipeline's own denoising loop, re-scoring reproduces the sampler's log-probs, NFE equals
+count_nfe, and a short in-process run trains and exports what plain diffusers loads (full
+fine-tune and LoRA). Qwen-Image's ODE-versus-pipeline test (with and without its norm-rescaled
+true CFG) and its decode test are in tests/test_family_qwenimage.py."""
 
 import pytest
 import torch
@@ -11,13 +13,16 @@ from treegrpo_ray import driver
 from treegrpo_ray.algo.tree import count_nfe
 from treegrpo_ray.config import load_config
 from treegrpo_ray.models import DiffusionPolicy
+from treegrpo_ray.models.families import Family
 from treegrpo_ray.models.families.flux import pack, unpack
 from treegrpo_ray.sampling.evaluate import ode_sample
 from treegrpo_ray.sampling.tree_sampler import TreeSampler
 
 torch.set_num_threads(1)
 PROMPTS = ["a red circle", "a blue square and a green triangle"]
-FAMILIES = ("sd35", "flux", "sd15")
+FAMILIES = ("sd35", "flux", "sd15", "qwenimage")
+
+
 @pytest.fixture(scope="module")
 def pipelines(tiny_family_pipelines):
     return tiny_family_pipelines
@@ -29,15 +34,16 @@ def load(path, **kw):
 
 def test_each_family_is_chosen_from_the_pipeline_class(pipelines):
     expected = {"sd35": ("SD3Family", "flow", "transformer"), "flux": ("FluxFamily", "flow", "transformer"),
-                "sd15": ("SD15Family", "ddim", "unet")}
+                "sd15": ("SD15Family", "ddim", "unet"), "qwenimage": ("QwenImageFamily", "flow", "transformer")}
     for name, (family, kind, denoiser) in expected.items():
         policy = load(pipelines[name])
         assert (type(policy.family).__name__, policy.family.kind, policy.family.denoiser_name) == expected[name]
         assert policy.denoiser is getattr(policy.pipeline, denoiser) and policy.latent_shape == (4, 8, 8)
+        assert isinstance(policy.family, Family)  # every member of the contract (runtime_checkable Protocol)
     assert type(load(pipelines["sd15"]).pipeline.scheduler).__name__ == "DDIMScheduler"  # swapped in from PNDM
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "flux_schnell", "flux_true_cfg"])
+@pytest.mark.parametrize("family", ["sd35", "flux", "sd15", "flux_schnell", "flux_true_cfg"])
 def test_ode_sampling_equals_the_plain_diffusers_pipeline(pipelines, family):
     # Our sampler's deterministic path (schedule, prompt encoding, guidance, FLUX packing and ids,
     # the DDIM eta=0 step) against the pipeline's own __call__ from the same initial latents.
@@ -101,11 +107,14 @@ def image(pipe, family):
     return pipe(**kw, **({} if family == "sd15" else {"max_sequence_length": 8})).images
 
 
-@pytest.mark.parametrize("family,lora_rank", [("flux", 0), ("flux", 4), ("sd15", 0), ("sd15", 4)])
+@pytest.mark.parametrize("family,lora_rank", [("flux", 0), ("flux", 4), ("sd15", 0), ("sd15", 4), ("qwenimage", 0),
+                                              ("qwenimage", 4)])
 def test_a_short_run_trains_and_exports_what_plain_diffusers_loads(pipelines, tmp_path, family, lora_rank):
     from diffusers import AutoModel, DiffusionPipeline
 
     extra = ["tree.noise_level=1.0", "model.guidance_scale=5.0"] if family == "sd15" else []
+    if family == "qwenimage" and lora_rank:
+        extra = ["model.true_cfg_scale=4.0"]  # the learner through the norm-rescaled true CFG too
     export = run_and_load(pipelines[family], tmp_path, lora_rank, *extra)
     base = DiffusionPipeline.from_pretrained(pipelines[family])
     if lora_rank:

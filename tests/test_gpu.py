@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 PROMPTS = ["a red circle", "a blue square and a green triangle"]
 
 
-@pytest.mark.parametrize("family", ["sd35", "flux", "sd15"])
+@pytest.mark.parametrize("family", ["sd35", "flux", "sd15", "qwenimage"])
 def test_bf16_on_cuda_rescoring_error(tmp_path, family):
     path = save_tiny_sd3(tmp_path, sd35=True) if family == "sd35" else save_tiny(family, tmp_path)
     policy = DiffusionPolicy.from_pretrained(path, dtype="bfloat16", device="cuda", max_sequence_length=8,

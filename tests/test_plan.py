@@ -35,7 +35,8 @@ def tiny(tmp_path_factory):
     with torch.random.fork_rng(devices=[]):
         return {"sd3": str(save_tiny_sd3(tmp_path_factory.mktemp("sd35"), sd35=True)),
                 "flux": str(save_tiny("flux", tmp_path_factory.mktemp("flux"))),
-                "sd15": str(save_tiny("sd15", tmp_path_factory.mktemp("sd15")))}
+                "sd15": str(save_tiny("sd15", tmp_path_factory.mktemp("sd15"))),
+                "qwenimage": str(save_tiny("qwenimage", tmp_path_factory.mktemp("qwenimage")))}
 
 
 def items(layout, pool):
@@ -46,7 +47,7 @@ def find(d, prefix):
     return next(v for k, v in d.items() if k.startswith(prefix))
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sd15"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sd15", "qwenimage"])
 def test_counts_from_configs_equal_the_loaded_models(tiny, family):
     """Parameter and LoRA counts read from config files (meta device) equal the real modules'."""
     from treegrpo_ray.models.policy import DiffusionPolicy
@@ -114,7 +115,8 @@ def test_sampler_rows_are_one_calls_share():
 
 PUBLISHED = {"sd35m_hps": "2,243,171,520 params",    # SD3.5-medium's MMDiT-X, from its published config
              "flux1dev_hps": "11,901,408,320 params",  # FLUX.1-dev's transformer
-             "sd15_hps": "859,520,964 params"}         # SD1.5's UNet
+             "sd15_hps": "859,520,964 params",         # SD1.5's UNet
+             "qwenimage_hps": "20,430,401,088 params"}  # Qwen-Image's transformer
 
 
 @pytest.mark.parametrize("config", sorted(PUBLISHED))

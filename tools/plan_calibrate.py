@@ -55,7 +55,7 @@ def load_denoiser(pipeline_dir: str):
 
 
 def denoiser_inputs(model, rows: int, latent_side: int, text_tokens: int, dtype: str = "float32") -> dict:
-    """Random inputs of the shapes the policy feeds each family (SD3, FLUX, UNet), in `dtype`."""
+    """Random inputs of the shapes the policy feeds each family (SD3, FLUX, UNet, Qwen-Image), in `dtype`."""
     floating = ("hidden_states", "sample", "encoder_hidden_states", "pooled_projections")
     return {k: v.to(getattr(torch, dtype)) if k in floating else v
             for k, v in _inputs(model, rows, latent_side, text_tokens).items()}
@@ -77,6 +77,11 @@ def _inputs(model, rows: int, latent_side: int, text_tokens: int) -> dict:
                     encoder_hidden_states=torch.randn(rows, text_tokens, cfg.joint_attention_dim, generator=g),
                     pooled_projections=torch.randn(rows, cfg.pooled_projection_dim, generator=g),
                     img_ids=torch.zeros(side * side, 3), txt_ids=torch.zeros(text_tokens, 3), **extra)
+    if name == "QwenImageTransformer2DModel":
+        side = latent_side // 2                     # 2x2 latent packing, as FLUX
+        return dict(hidden_states=torch.randn(rows, side * side, cfg.in_channels, generator=g), timestep=t / 1000,
+                    encoder_hidden_states=torch.randn(rows, text_tokens, cfg.joint_attention_dim, generator=g),
+                    img_shapes=[[(1, side, side)]] * rows)
     if name == "UNet2DConditionModel":
         return dict(sample=torch.randn(rows, cfg.in_channels, latent_side, latent_side, generator=g), timestep=t,
                     encoder_hidden_states=torch.randn(rows, text_tokens, cfg.cross_attention_dim, generator=g))
@@ -160,8 +165,9 @@ def measure_in_subprocess(timeout: float = 300, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-FAMILY_KW = {"sd3": {"sd35": True}, "flux": {}, "sd15": {}}
-RESOLUTIONS = {"sd3": (32, 64), "flux": (64, 128), "sd15": (32, 64)}  # tiny VAEs: factor 2; SD3's pos_embed caps 64
+FAMILY_KW = {"sd3": {"sd35": True}, "flux": {}, "sd15": {}, "qwenimage": {}}
+# tiny VAEs: factor 2; SD3's pos_embed caps 64
+RESOLUTIONS = {"sd3": (32, 64), "flux": (64, 128), "sd15": (32, 64), "qwenimage": (64, 128)}
 
 
 def tiny_pipeline(family: str, root: str | Path) -> str:

@@ -1,6 +1,7 @@
 """Tiny, randomly initialised pipelines of each supported family, built offline (tests, gpu_check).
 
-SD3 / SD3.5 (`build_tiny_sd3`), FLUX.1 (`build_tiny_flux`) and SD1.5 with DDIM (`build_tiny_sd15`):
+SD3 / SD3.5 (`build_tiny_sd3`), FLUX.1 (`build_tiny_flux`), SD1.5 with DDIM (`build_tiny_sd15`) and Qwen-Image
+(`build_tiny_qwenimage`):
 each has its family's real structure at toy width, so the production loading path runs on it.
 The SD3 notes below hold for the others where they share parts (CLIP tokenizer, VAE, sizes).
 
@@ -196,18 +197,100 @@ def build_tiny_sd15(tokenizer_dir: str | Path, seed: int = 0):
         requires_safety_checker=False)
 
 
-BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "sd15": build_tiny_sd15}
+QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # the three Qwen-Image's template uses
+# the template's words as Qwen2's byte-level pre-tokenizer cuts them ("Ġ" = a leading space); with
+# them merged, the prefix "<|im_start|>system\nDescribe ... background:<|im_end|>\n<|im_start|>user\n"
+# is 34 tokens, QwenImagePipeline.prompt_template_encode_start_idx
+QWEN_TEMPLATE_WORDS = ("system", "Describe", "user", *("Ġ" + w for w in (
+    "the image by detailing color shape size texture quantity text spatial relationships of objects and "
+    "background red blue green circle square triangle a").split()))
+QWEN_TEXT_HIDDEN = 16  # Qwen2.5-VL hidden size = the transformer's joint_attention_dim
+
+
+def tiny_qwen_tokenizer(directory: str | Path):
+    """A real Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer regex) over the 256 byte symbols,
+    the merges that make each word of QwenImagePipeline's prompt template one token, and the
+    chat-template specials, written to `directory` (nothing downloaded). So the template's prefix is
+    34 tokens, as with the real tokenizer, and the 34 the pipeline drops are exactly the prefix."""
+    from transformers import Qwen2Tokenizer
+
+    chars = _bytes_to_unicode()
+    merges = []
+    for word in QWEN_TEMPLATE_WORDS:  # merge each word left to right, as byte-level BPE learns them
+        for i in range(2, len(word) + 1):
+            pair = (word[:i - 1], word[i - 1])
+            if pair not in merges:
+                merges.append(pair)
+    tokens = list(dict.fromkeys(chars + ["".join(m) for m in merges]))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=1058)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    tokenizer.save_pretrained(str(directory))
+    return Qwen2Tokenizer.from_pretrained(str(directory))
+
+
+def tiny_qwen_text_encoder(vocab_size: int, bos_id: int, eos_id: int, seed: int):
+    """Qwen2.5-VL at toy width (2 text layers, M-RoPE sections summing to head_dim / 2, a 1-layer
+    vision tower it never runs). bos/pad <|endoftext|>, eos <|im_end|> as in Qwen2.5-VL-7B; its
+    image/video token ids are three ids past the tokenizer's, which it never emits."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = Qwen2_5_VLConfig(
+        text_config={"hidden_size": QWEN_TEXT_HIDDEN, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": vocab_size + 3,
+                     "rope_scaling": {"type": "default", "rope_type": "default", "mrope_section": [1, 1, 2]},
+                     "rope_theta": 1_000_000.0, "max_position_embeddings": 2048, "bos_token_id": bos_id,
+                     "eos_token_id": eos_id, "pad_token_id": bos_id},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": QWEN_TEXT_HIDDEN},
+        vocab_size=vocab_size + 3, image_token_id=vocab_size, video_token_id=vocab_size + 1,
+        vision_start_token_id=vocab_size + 2, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=bos_id)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def build_tiny_qwenimage(tokenizer_dir: str | Path, seed: int = 0):
+    """A random-init tiny QwenImagePipeline with Qwen-Image's structure: the dual-stream MMDiT
+    (QwenImageTransformer2DModel: 2x2 packed latents, 3-axis scaled RoPE, no guidance embedding),
+    the causal 3-D VAE (AutoencoderKLQwenImage, one-frame latents, per-channel latents_mean/std),
+    a Qwen2.5-VL text encoder with a Qwen2Tokenizer, and Qwen/Qwen-Image's published scheduler
+    (dynamic exponential shift, base_shift 0.5, max_shift 0.9, shift_terminal 0.02) with its
+    256 / 8192 image-token range scaled to 4 / 128. 16x16 images, 8x8 latents, 16 image tokens."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=QWEN_TEXT_HIDDEN, axes_dims_rope=(2, 2, 4))
+    g = torch.Generator().manual_seed(seed + 5)  # non-trivial normalisation, so a missed mean/std shows
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=(torch.randn(LATENT_CHANNELS, generator=g) * 0.5).tolist(),
+        latents_std=(1 + torch.rand(LATENT_CHANNELS, generator=g)).tolist())
+    tokenizer = tiny_qwen_tokenizer(Path(tokenizer_dir) / "tokenizer")
+    vocab = tokenizer.get_vocab()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=128,
+        base_shift=0.5, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential")
+    return QwenImagePipeline(transformer=transformer, scheduler=scheduler, vae=vae, tokenizer=tokenizer,
+                             text_encoder=tiny_qwen_text_encoder(len(tokenizer), vocab["<|endoftext|>"],
+                                                                 vocab["<|im_end|>"], seed + 1))
+
+
+BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "sd15": build_tiny_sd15,
+            "qwenimage": build_tiny_qwenimage}
 
 
 def save_tiny(family: str, out_dir: str | Path, seed: int = 0, **kw) -> Path:
-    """Build a tiny pipeline of `family` (sd3 | flux | sd15) and `save_pretrained` it to out_dir/pipeline."""
+    """Build a tiny pipeline of `family` (sd3 | flux | sd15 | qwenimage) and `save_pretrained` it to out_dir/pipeline."""
     out_dir = Path(out_dir)
     pipe = BUILDERS[family](out_dir / "tokenizer_src", seed=seed, **kw)
     pipe.save_pretrained(out_dir / "pipeline")
     return out_dir / "pipeline"
 
 
-if __name__ == "__main__":  # python -m tools.tiny_pipelines {sd3,flux,sd15} OUT_DIR [--sd35]
+if __name__ == "__main__":  # python -m tools.tiny_pipelines {sd3,flux,sd15,qwenimage} OUT_DIR [--sd35]
     import argparse
 
     ap = argparse.ArgumentParser(description="save a tiny random-init pipeline of a model family (seed 0)")

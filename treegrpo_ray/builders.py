@@ -148,9 +148,9 @@ def check_family(cfg: Config, pipeline_class: str | None) -> None:
     if family.kind == "ddim" and cfg.learner.kl_beta > 0 and cfg.learner.kl_form != "exact":
         raise ConfigError(f"learner.kl_form: {cfg.learner.kl_form} is Flow-GRPO's flow-matching form and "
                           f"{pipeline_class} is a DDIM model; use learner.kl_form=exact")
-    if cfg.model.true_cfg_scale != 1 and family.__name__ != "FluxFamily":
-        raise ConfigError(f"model.true_cfg_scale: only FLUX takes it, {pipeline_class} runs classifier-free guidance "
-                          "with model.guidance_scale; leave model.true_cfg_scale=1")
+    if cfg.model.true_cfg_scale != 1 and family.__name__ not in ("FluxFamily", "QwenImageFamily"):
+        raise ConfigError(f"model.true_cfg_scale: only FLUX and Qwen-Image take it, {pipeline_class} runs "
+                          "classifier-free guidance with model.guidance_scale; leave model.true_cfg_scale=1")
 
 
 def preflight(cfg: Config) -> None:

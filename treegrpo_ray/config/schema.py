@@ -43,10 +43,10 @@ class ModelConfig:
     device: str = doc("auto", "auto (cuda if available) | cpu | cuda", choices=("auto", "cpu", "cuda"))
     resolution: int = doc(32, "image height = width in pixels (SD3.5-medium: 512)")
     guidance_scale: float = doc(4.5, "classifier-free guidance scale in sampler and learner (<= 1 disables CFG); "
-                                "FLUX.1-dev: the distilled guidance embedding (no CFG batch)")
-    true_cfg_scale: float = doc(1.0, "FLUX only: real classifier-free guidance with the empty negative prompt "
-                                "(> 1 doubles the batch); 1 = off")
-    max_sequence_length: int = doc(16, "T5 tokens per prompt (SD3: up to 256; miniature has no T5)")
+                                "FLUX.1-dev: the distilled guidance embedding (no CFG batch); Qwen-Image ignores it")
+    true_cfg_scale: float = doc(1.0, "FLUX and Qwen-Image: real classifier-free guidance with the empty "
+                                "(Qwen-Image: ' ') negative prompt (> 1 doubles the batch); 1 = off")
+    max_sequence_length: int = doc(16, "T5 tokens per prompt (SD3: up to 256; miniature: none); Qwen-Image: <= 1024")
     lora_rank: int = doc(0, "LoRA rank on the transformer; 0 = full fine-tune")
     lora_alpha: int = doc(0, "LoRA alpha; 0 = same as rank")
     lora_targets: tuple[str, ...] = doc(("to_q", "to_k", "to_v", "to_out.0"), "module names LoRA adapts")

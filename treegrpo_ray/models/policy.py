@@ -1,7 +1,8 @@
 """The diffusion policy: a diffusers text-to-image pipeline seen as pi_theta(x_{t-1} | x_t, c).
 
 What the sampler and learner need from the model, and nothing else, for every supported family
-(SD3/SD3.5, FLUX.1, SD1.5 with DDIM: `models/families/`), chosen once from the pipeline's class:
+(SD3/SD3.5, FLUX.1, SD1.5 with DDIM, Qwen-Image: `models/families/`), chosen once from the
+pipeline's class:
 
 * loading by hub id or local dir through `DiffusionPipeline.from_pretrained` (HF_HUB_OFFLINE is
   honoured by huggingface_hub); components saved as null (e.g. SD3 without T5) load as None;
@@ -9,15 +10,16 @@ What the sampler and learner need from the model, and nothing else, for every su
   fine-tune); text encoders are frozen; the VAE is never loaded (the reward pool decodes leaves);
 * `predict`: the guided denoiser output (flow: velocity; DDIM: epsilon) for a batch of nodes at
   mixed steps, cond and uncond rows in ONE call of 2B rows when the family runs classifier-free
-  guidance: out = out_uncond + g * (out_cond - out_uncond); g <= 1 runs the cond half only
+  guidance: out = out_uncond + g * (out_cond - out_uncond) (Qwen-Image then rescales it to the
+  cond half's norm per token: `families/qwenimage.py`); g <= 1 runs the cond half only
   (diffusers' rule). FLUX.1-dev's guidance is an embedding instead (see `families/flux.py`);
 * `sigmas`, `ode_step`, `sde_step`: the family's schedule and steps (flow SDE/ODE or DDIM);
 * broadcast state (the tensors that change in training), export for plain diffusers, and the
   reference policy for the optional KL term.
 
 Departures from the diffusers pipelines: no skip-layer guidance, no negative prompt other than
-"" (what the pipelines use by default), and the latent state is kept in float32 by the sampler
-while the denoiser runs in `dtype`.
+the family's ("", what the pipelines use by default; Qwen-Image " ", its published example), and
+the latent state is kept in float32 by the sampler while the denoiser runs in `dtype`.
 """
 from __future__ import annotations
 
@@ -42,6 +44,14 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype}
 
 
+def vae_scale_factor_of(vae_config: dict) -> int:
+    """Pixels per latent side, as the pipelines compute it: AutoencoderKL 2**(levels - 1);
+    Qwen-Image's (and Wan's) 3-D VAE 2**len(temperal_downsample)."""
+    if "temperal_downsample" in vae_config:  # diffusers' spelling
+        return 2 ** len(vae_config["temperal_downsample"])
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def _load_pipeline(path_or_id: str, dtype: torch.dtype, kind: str = "auto"):
     """Load a supported pipeline without its VAE (and safety checker); returns (pipeline, vae_scale_factor)."""
     from diffusers import AutoencoderKL, DiffusionPipeline
@@ -57,8 +67,7 @@ def _load_pipeline(path_or_id: str, dtype: torch.dtype, kind: str = "auto"):
     skip = {name: None for name in ("vae", "safety_checker", "feature_extractor", "image_encoder") if name in index}
     vae_scale_factor = 8  # diffusers' default when a pipeline has no VAE
     if index.get("vae", [None])[0] is not None:
-        vae_cfg = AutoencoderKL.load_config(path_or_id, subfolder="vae")
-        vae_scale_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        vae_scale_factor = vae_scale_factor_of(AutoencoderKL.load_config(path_or_id, subfolder="vae"))
     extra = {"requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(path_or_id, **dtype_kwargs(dtype), **{**absent, **skip}, **extra)
     return pipe, vae_scale_factor
@@ -97,7 +106,7 @@ class DiffusionPolicy:
         self.resolution = resolution or self.family.native_resolution()
         self.latent_shape = self.family.latent_shape(self.resolution)  # (C, h, w); checks the resolution
         self.prompts = PromptCache(self.family.encode, device=device, dtype=dtype)
-        self.negative_prompt = ""
+        self.negative_prompt = self.family.negative_prompt
         self._reference: torch.nn.Module | None = None
         self._in_reference = False
 
@@ -110,11 +119,12 @@ class DiffusionPolicy:
         """Load a diffusers pipeline (hub id or local `save_pretrained` dir) as a policy.
 
         The family comes from the pipeline's class (model_index.json): StableDiffusion3Pipeline,
-        FluxPipeline or StableDiffusionPipeline (with a DDIMScheduler). kind: "auto", or "flow" /
-        "ddim" to insist on one. dtype: "float32" | "bfloat16" | "float16" (weights of the denoiser
+        FluxPipeline, StableDiffusionPipeline (with a DDIMScheduler) or QwenImagePipeline. kind:
+        "auto", or "flow" / "ddim" to insist on one. dtype: "float32" | "bfloat16" | "float16" (weights of the denoiser
         and text encoders; LoRA adapters stay float32). device: "cpu", "cuda[:i]" or "auto".
         lora_rank 0 = full fine-tune; lora_alpha None = rank. guidance_scale: CFG scale (FLUX.1-dev:
-        the guidance embedding); true_cfg_scale: FLUX only, real CFG with an empty negative prompt.
+        the guidance embedding); true_cfg_scale: FLUX and Qwen-Image, real CFG with the family's
+        negative prompt.
         max_sequence_length: T5 tokens per prompt (SD3 saved without T5 gets that many zero tokens).
         resolution: image side in pixels (None = the model's native size). seed: LoRA init.
         """
@@ -162,7 +172,7 @@ class DiffusionPolicy:
             uncond, cond_out = out.chunk(2)
             if not uncond_grad:
                 uncond = uncond.detach()
-            return uncond + g * (cond_out - uncond)
+            return self.family.guide(uncond, cond_out, g)  # Qwen-Image also rescales to the cond norm
         return out
 
     def ode_step(self, x: torch.Tensor, out: torch.Tensor, s, s_next) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 Sampling a tree calls the transformer hundreds of times for the same few prompts; the text
 encoders (CLIP-L, CLIP-G, T5-XXL for SD3.5) must run once per distinct prompt per process, not
-once per step. The negative prompt for classifier-free guidance is the empty string, as in
-diffusers' `StableDiffusion3Pipeline.__call__` (negative_prompt=None -> ""), and is cached the
-same way: encoding "" as an ordinary prompt gives exactly the tensors the pipeline's CFG branch
-builds for it.
+once per step. The negative prompt for classifier-free guidance is the family's: the empty string,
+as in diffusers' `StableDiffusion3Pipeline.__call__` (negative_prompt=None -> ""), or Qwen-Image's
+" "; it is cached the same way: encoding it as an ordinary prompt gives exactly the tensors the
+pipeline's CFG branch builds for it.
 
 Each prompt is encoded on its own (a batch of one), never together with whatever else happened to
 be missing from the cache: a CPU or GPU matmul's result for one row depends on the batch it is in
@@ -24,7 +24,8 @@ import torch
 class PromptCache:
     """Encodes each prompt once with the family's `encode` (a batch of one, see above) and serves
     batches: `encode(prompts)` returns the family's conditioning tensors stacked over prompts, e.g.
-    SD3: (B, S, D) token and (B, P) pooled embeddings; FLUX: T5 tokens and CLIP pooled; SD1.5: (B, 77, D).
+    SD3: (B, S, D) token and (B, P) pooled embeddings; FLUX: T5 tokens and CLIP pooled; SD1.5: (B, 77, D);
+    Qwen-Image: (B, L, D) embeddings zero-padded to L = max_sequence_length and their (B, L) masks.
     Tensors live on `device` in `dtype`."""
 
     def __init__(self, encode_one, *, device: torch.device, dtype: torch.dtype):

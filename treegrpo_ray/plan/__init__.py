@@ -44,7 +44,8 @@ DECODE_CHUNK = 16               # rewards/decode.LatentDecoder's batch_size
 # "nograd": one no-grad forward's peak. Fitted by `python -m tools.plan_calibrate` (BENCHMARKS.md §8).
 ACTIVATIONS = {"sd3": {"grad": 35.6, "ckpt": 2.5, "recompute": 33.6, "nograd": 12.2},
                "flux": {"grad": 27.6, "ckpt": 3.1, "recompute": 25.4, "nograd": 15.1},
-               "sd15": {"grad": 105.8, "ckpt": 13.3, "recompute": 23.2, "nograd": 8.5}}
+               "sd15": {"grad": 105.8, "ckpt": 13.3, "recompute": 23.2, "nograd": 8.5},
+               "qwenimage": {"grad": 29.7, "ckpt": 3.1, "recompute": 26.5, "nograd": 14.9}}  # fitted 2026-12-07
 # decode peak per image, in units of (H x W x vae_channels x 4 bytes); fitted on the real SD VAE structure
 VAE_DECODE = 5.9
 
@@ -105,8 +106,8 @@ def row_tokens(cfg: Config, m: ModelFacts) -> tuple[int, int]:
     image = (side // m.token_patch) ** 2
     if m.family == "sd3":
         text = m.clip_tokens + cfg.model.max_sequence_length
-    elif m.family == "flux":
-        text = cfg.model.max_sequence_length
+    elif m.family in ("flux", "qwenimage"):
+        text = cfg.model.max_sequence_length  # Qwen-Image: the upper bound (a batch runs its longest prompt)
     else:
         text = m.clip_tokens
     return image, text
@@ -114,7 +115,7 @@ def row_tokens(cfg: Config, m: ModelFacts) -> tuple[int, int]:
 
 def _cfg_rows(cfg: Config, m: ModelFacts) -> int:
     """Rows per latent in a denoiser call: 2 with classifier-free guidance (cond + uncond)."""
-    if m.family == "flux":
+    if m.family in ("flux", "qwenimage"):
         return 2 if cfg.model.true_cfg_scale > 1 else 1
     return 2 if cfg.model.guidance_scale > 1 else 1
 

@@ -17,18 +17,25 @@ nothing, and its parameters are counted. Sources:
       (hidden 3072 = 24 x 128, depth 19 + 38 single, vec_in 768, context 4096, in 64, guidance_embed)
     - sd15.json: huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json (a copy of
       runwayml's); the same dict appears verbatim in public T2I-Adapter UNet code (found by code search)
+    - qwen_image.json: huggingface.co/Qwen/Qwen-Image transformer/config.json (Apache-2.0, not gated),
+      as quoted verbatim in kohya-ss/musubi-tuner src/musubi_tuner/qwen_image/qwen_image_model.py
+      (create_model); the same values are diffusers' QwenImageTransformer2DModel defaults
+      (pooled_projection_dim is in the published file; diffusers 0.42 ignores it, so it is left out)
   and, for their text encoders and VAEs, a table of published parameter counts (TEXT_ENCODERS,
   VAES below). Those numbers were checked by building each published config on the meta device
   with transformers 5.25 / diffusers 0.42 (CLIP-L/14 text with projection 123,650,304, without
   123,060,480; OpenCLIP bigG/14 text with projection 694,659,840; T5-v1.1-XXL encoder
-  4,762,310,656; SD3/FLUX 16-channel VAE 83,819,683; SD1.x VAE 83,653,863).
+  4,762,310,656; SD3/FLUX 16-channel VAE 83,819,683; SD1.x VAE 83,653,863; Qwen2.5-VL-7B-Instruct's
+  published config (text 28 x 3584, 28 heads / 4 kv, 18944 MLP, vocabulary 152064, untied lm_head;
+  vision tower 32 x 1280) as Qwen2_5_VLForConditionalGeneration 8,292,166,656, the "8.29B" of its
+  model card; AutoencoderKLQwenImage's default config, which Qwen-Image ships, 126,892,531).
 * reward models: REWARD_MODELS below (open_clip ViT-H-14 986,109,441 and ViT-L-14 427,616,513,
   counted with open_clip.create_model(name, device="meta")); other open_clip names are counted the
   same way on demand; the miniature reward from its safetensors header.
 
 What the counts give: SD3.5-medium's MMDiT-X has 2,243,171,520 parameters (2.24 B; "2.5 B" in
 Stability's announcement), FLUX.1-dev's transformer 11,901,408,320 (11.9 B), SD1.5's UNet
-859,520,964.
+859,520,964, Qwen-Image's transformer 20,430,401,088 (20.4 B; "20B" in Qwen's announcement).
 """
 from __future__ import annotations
 
@@ -44,13 +51,16 @@ from treegrpo_ray.config import ConfigError
 HUB_CONFIGS = Path(__file__).parent / "hub_configs"
 DENOISER_CLASSES = {"StableDiffusion3Pipeline": ("transformer", "SD3Transformer2DModel", "sd3"),
                     "FluxPipeline": ("transformer", "FluxTransformer2DModel", "flux"),
-                    "StableDiffusionPipeline": ("unet", "UNet2DConditionModel", "sd15")}
+                    "StableDiffusionPipeline": ("unet", "UNet2DConditionModel", "sd15"),
+                    "QwenImagePipeline": ("transformer", "QwenImageTransformer2DModel", "qwenimage")}
 CLIP_L_PROJ = ("CLIP-L/14 text", 123_650_304)      # CLIPTextModelWithProjection (SD3 text_encoder)
 CLIP_L = ("CLIP-L/14 text", 123_060_480)           # CLIPTextModel (FLUX, SD1.5)
 CLIP_BIGG = ("OpenCLIP bigG/14 text", 694_659_840)  # CLIPTextModelWithProjection (SD3 text_encoder_2)
 T5_XXL = ("T5-v1.1-XXL encoder", 4_762_310_656)    # T5EncoderModel (SD3 text_encoder_3, FLUX text_encoder_2)
 VAE_16CH = 83_819_683                              # AutoencoderKL, 16 latent channels, no quant convs
 VAE_SD1 = 83_653_863                               # AutoencoderKL, 4 latent channels
+QWEN25_VL_7B = ("Qwen2.5-VL-7B", 8_292_166_656)    # Qwen2_5_VLForConditionalGeneration, vision tower + lm_head included
+VAE_QWEN = 126_892_531                             # AutoencoderKLQwenImage (base_dim 96, z_dim 16)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class HubModel:
     denoiser_config: str                           # file in plan/hub_configs/
     text_encoders: tuple[tuple[str, int], ...]
     vae_params: int
+    vae_channels: int = 128                        # the VAE's full-resolution width (Qwen-Image: base_dim 96)
 
 
 HUB_MODELS = {
@@ -67,8 +78,9 @@ HUB_MODELS = {
     "black-forest-labs/FLUX.1-dev": HubModel("FluxPipeline", "flux1_dev.json", (CLIP_L, T5_XXL), VAE_16CH),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
     "runwayml/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
+    "Qwen/Qwen-Image": HubModel("QwenImagePipeline", "qwen_image.json", (QWEN25_VL_7B,), VAE_QWEN, vae_channels=96),
 }
-HUB_VAE = {"vae_channels": 128, "vae_scale_factor": 8, "clip_tokens": 77}  # all three: block_out_channels[0] 128
+HUB_VAE = {"vae_scale_factor": 8, "clip_tokens": 77}  # all of them: 8x downsampling; SD's CLIP: 77 tokens
 
 
 @dataclass(frozen=True)
@@ -93,20 +105,20 @@ class ModelFacts:
     """The numbers the plan needs about one pipeline."""
     pretrained: str
     source: str                                    # where the numbers come from, for the report
-    family: str                                    # sd3 | flux | sd15
+    family: str                                    # sd3 | flux | sd15 | qwenimage
     denoiser_class: str
     denoiser_params: int
     lora_params: int                               # trainable parameters of the configured LoRA (0: full fine-tune)
     text_encoders: tuple[tuple[str, int], ...]
     vae_params: int
-    vae_channels: int                              # block_out_channels[0]: the VAE's full-resolution width
+    vae_channels: int                              # block_out_channels[0] (Qwen-Image: base_dim): full-resolution width
     vae_scale_factor: int
     latent_channels: int
     width: int                                     # transformer hidden size | UNet sum_i channels_i / 4^i
     heads: int                                     # attention heads per block (UNet: at its first level)
     layers: int                                    # transformer blocks (FLUX: double + single) | UNet layers_per_block
     dual_layers: int                               # SD3.5 MMDiT-X blocks with a second image attention
-    token_patch: int                               # latent pixels per token side (SD3: patch 2; FLUX: 2x2 packing)
+    token_patch: int                               # latent pixels per token side (SD3: patch 2; FLUX, Qwen: 2x2 packing)
     clip_tokens: int                               # CLIP tokenizer length (SD3's context = this + T5 tokens)
     guidance_distilled: bool                       # FLUX.1-dev: guidance embedding, no CFG batch
 
@@ -153,6 +165,14 @@ def _local_component_params(root: Path, sub: str, library: str, cls_name: str) -
     return meta_count(_on_meta(lambda: cls.from_config(cls.load_config(str(root / sub)))))
 
 
+def vae_geometry(vae_cfg: dict) -> tuple[int, int]:
+    """(full-resolution channel width, pixels per latent side) of a VAE config: AutoencoderKL's
+    block_out_channels[0]; Qwen-Image's 3-D VAE its base_dim. The scale factor is the policy's."""
+    from treegrpo_ray.models.policy import vae_scale_factor_of
+    width = vae_cfg.get("base_dim", 96) if "temperal_downsample" in vae_cfg else vae_cfg["block_out_channels"][0]
+    return width, vae_scale_factor_of(vae_cfg)
+
+
 def pipeline_dir(pretrained: str) -> Path | None:
     """The local diffusers directory `pretrained` names ('miniature' = the shipped one), or None."""
     if pretrained == "miniature":
@@ -192,21 +212,21 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         encoders = tuple((f"{k} ({v[1]})", _local_component_params(root, k, v[0], v[1])) for k, v in sorted(index.items())
                          if k.startswith("text_encoder") and isinstance(v, list) and v[0] is not None)
         vae_cfg = json.loads((root / "vae" / "config.json").read_text()) if (root / "vae" / "config.json").is_file() else None
-        vae_params = _local_component_params(root, "vae", "diffusers", "AutoencoderKL") if vae_cfg else 0
-        vae_channels = vae_cfg["block_out_channels"][0] if vae_cfg else 0
-        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 8
+        vae_params = (_local_component_params(root, "vae", "diffusers", vae_cfg.get("_class_name", "AutoencoderKL"))
+                      if vae_cfg else 0)
+        vae_channels, vae_factor = vae_geometry(vae_cfg) if vae_cfg else (0, 8)
         tok = root / "tokenizer" / "tokenizer_config.json"
         clip_tokens = int(json.loads(tok.read_text()).get("model_max_length", 77)) if tok.is_file() else 77
     else:
         hub = HUB_MODELS[pretrained]
         encoders, vae_params = hub.text_encoders, hub.vae_params
-        vae_channels, vae_factor, clip_tokens = HUB_VAE["vae_channels"], HUB_VAE["vae_scale_factor"], HUB_VAE["clip_tokens"]
+        vae_channels, vae_factor, clip_tokens = hub.vae_channels, HUB_VAE["vae_scale_factor"], HUB_VAE["clip_tokens"]
     if family == "sd3":
         width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
         dual, patch, latent = len(cfg.dual_attention_layers or ()), cfg.patch_size, cfg.in_channels
-    elif family == "flux":
-        width, layers = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers + cfg.num_single_layers
-        heads = cfg.num_attention_heads
+    elif family in ("flux", "qwenimage"):
+        width, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
+        layers = cfg.num_layers + getattr(cfg, "num_single_layers", 0)  # Qwen-Image: all 60 blocks dual-stream
         dual, patch, latent = 0, 2, cfg.in_channels // 4     # 2x2 packing: in_channels = 4 x latent channels
     else:
         # a UNet's activations: level i holds (pixels / 4^i) x block_out_channels[i] per layer, so

@@ -1,13 +1,14 @@
-"""Model families: one class per pipeline family (SD3/SD3.5, FLUX.1, SD1.5), chosen once from the
+"""Model families: one class per pipeline family (SD3/SD3.5, FLUX.1, SD1.5, Qwen-Image), chosen once from the
 pipeline's class in `model_index.json`. See `base.Family` for the contract."""
 from __future__ import annotations
 
 from treegrpo_ray.models.families.base import Family
 from treegrpo_ray.models.families.flux import FluxFamily
+from treegrpo_ray.models.families.qwenimage import QwenImageFamily
 from treegrpo_ray.models.families.sd3 import SD3Family
 from treegrpo_ray.models.families.sd15 import SD15Family
 
-FAMILIES = (SD3Family, FluxFamily, SD15Family)
+FAMILIES = (SD3Family, FluxFamily, SD15Family, QwenImageFamily)
 SUPPORTED_PIPELINES = tuple(name for f in FAMILIES for name in f.pipeline_classes)
 
 
@@ -19,4 +20,5 @@ def family_for(pipeline_class: str) -> type:
     raise NotImplementedError(f"{pipeline_class} is not a supported pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
 
 
-__all__ = ["FAMILIES", "SUPPORTED_PIPELINES", "Family", "family_for", "FluxFamily", "SD15Family", "SD3Family"]
+__all__ = ["FAMILIES", "SUPPORTED_PIPELINES", "Family", "family_for", "FluxFamily", "QwenImageFamily", "SD15Family",
+           "SD3Family"]

@@ -28,6 +28,7 @@ class Family(Protocol):
     kind: str                          # "flow" | "ddim" (model.kind)
     denoiser_name: str                 # pipeline attribute and subfolder of the trained network
     cfg_scale: float                   # classifier-free guidance scale of the [uncond; cond] batch (<= 1: none)
+    negative_prompt: str               # the uncond rows' prompt ("" for all but Qwen-Image's " ")
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the sampler's latents for square images of `resolution` pixels."""
@@ -42,6 +43,9 @@ class Family(Protocol):
                 cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Raw denoiser output (B, C, h, w) float32 for latents x (B, C, h, w) at schedule values s (B,)."""
 
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor, g: float) -> torch.Tensor:
+        """The guided prediction (B, C, h, w) from the uncond and cond halves, as the pipeline combines them."""
+
     def ode_step(self, x: torch.Tensor, out: torch.Tensor, s, s_next) -> torch.Tensor:
         """Deterministic step s -> s_next."""
 
@@ -49,6 +53,11 @@ class Family(Protocol):
                  generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None,
                  n_children: int = 1, reduction: str = "mean") -> SDEStep:
         """Stochastic step with log-prob: sample n_children, or re-score prev_sample (B, K, C, h, w)."""
+
+
+def linear_cfg(uncond: torch.Tensor, cond: torch.Tensor, g: float) -> torch.Tensor:
+    """Classifier-free guidance as SD3, FLUX (true CFG) and SD1.5 pipelines combine it."""
+    return uncond + g * (cond - uncond)
 
 
 def check_schedule(values: torch.Tensor, num_steps: int, source: str) -> torch.Tensor:
@@ -83,6 +92,8 @@ class FlowSteps:
     """The flow-matching steps (Flow-GRPO's SDE, Euler ODE) shared by the flow families."""
 
     kind = "flow"
+    negative_prompt = ""
+    guide = staticmethod(linear_cfg)
 
     def ode_step(self, x, out, s, s_next):
         return flow_ode_step(x, out, s, s_next)

@@ -21,13 +21,15 @@ import copy
 import torch
 
 from treegrpo_ray.algo.sde import ddim_step_with_logprob
-from treegrpo_ray.models.families.base import check_schedule
+from treegrpo_ray.models.families.base import check_schedule, linear_cfg
 
 
 class SD15Family:
     pipeline_classes = ("StableDiffusionPipeline",)
     kind = "ddim"
     denoiser_name = "unet"
+    negative_prompt = ""
+    guide = staticmethod(linear_cfg)
 
     def __init__(self, pipeline, *, vae_scale_factor: int, guidance_scale: float, true_cfg_scale: float = 1.0,
                  max_sequence_length: int = 77):
