@@ -48,6 +48,9 @@ class ModelConfig:
     true_cfg_scale: float = doc(1.0, "FLUX only: real classifier-free guidance with the empty negative prompt "
                                 "(> 1 doubles the batch); 1 = off")
     max_sequence_length: int = doc(16, "T5 tokens per prompt (SD3: up to 256; miniature has no T5)")
+    num_frames: int = doc(0, "video pipelines (Wan2.1) only: frames per clip, 4k + 1 (Wan: 81 = 5 s at 16 fps; "
+                          "latent frames = (num_frames - 1) / 4 + 1); 0 = the pipeline's default (81). An image "
+                          "pipeline refuses any value but 0")
     lora_rank: int = doc(0, "LoRA rank on the transformer; 0 = full fine-tune")
     lora_alpha: int = doc(0, "LoRA alpha; 0 = same as rank")
     lora_targets: tuple[str, ...] = doc(("to_q", "to_k", "to_v", "to_out.0"), "module names LoRA adapts")
@@ -307,6 +310,9 @@ def validate(cfg: Config) -> Config:
            f"{cfg.model.true_cfg_scale} is below 1", "use 1 (off) or e.g. 4 for FLUX true CFG")
     _check(cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution",
            f"{cfg.model.resolution} is not a positive multiple of 8", "use e.g. 32 (miniature) or 512")
+    _check(cfg.model.num_frames == 0 or (cfg.model.num_frames >= 1 and (cfg.model.num_frames - 1) % 4 == 0),
+           "model.num_frames", f"{cfg.model.num_frames} is not of the form 4k + 1 (Wan's VAE: the first frame, then "
+           "4 frames per latent frame)", "use e.g. 9, 33 or 81, or 0 for the pipeline's default")
     _check(cfg.model.lora_rank >= 0, "model.lora_rank", "must be >= 0", "use 0 for full fine-tune")
     _check(cfg.model.max_sequence_length >= 1, "model.max_sequence_length", "must be >= 1", "use e.g. 16 or 256")
     _validate_learner(cfg)

@@ -165,6 +165,15 @@ def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]):
     return out, images, per_image
 
 
+def keep_clips(tracker, run_dir: str, step: int, images) -> None:
+    """A video run's eval clips (B, T, 3, H, W): the first few as GIFs in the run folder's samples/
+    and in the MLflow run (samples/clips). Images runs have none."""
+    if images is None or images.dim() != 5:
+        return
+    for location in report.save_clips(run_dir, step, images):
+        tracker.log_bytes(storage.read_bytes(location), location.rsplit("/", 1)[-1], "samples/clips")
+
+
 # ----------------------------------------------------------------------------- run setup
 
 redact_uri = storage.redact
@@ -303,6 +312,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             tracker.log(m, step=0)
             tracker.log_image(images, "samples/eval", step=0)
             report.save_grid(paths.run_dir, 0, images)  # the "before" half of samples.png
+            keep_clips(tracker, paths.run_dir, 0, images)
             history.append({"iteration": 0, **m})
         handle = system.launch(plan(cfg, train_prompts, start)) if start < cfg.iterations else None
         loop_t0 = time.perf_counter()
@@ -321,6 +331,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
                     tracker.log_image(images, "samples/eval", step=step)
                 if step == cfg.iterations:
                     report.save_grid(paths.run_dir, step, images)  # the "after" half
+                    keep_clips(tracker, paths.run_dir, step, images)
             if step > logged:  # else: a replayed step the killed job already logged
                 tracker.log(m, step=step)
             history.append({"iteration": step, **m})
