@@ -219,7 +219,7 @@ def build_tiny_wan(tokenizer_dir: str | Path, seed: int = 0):
     c = WAN_LATENT_CHANNELS
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=c, out_channels=c,
-        text_dim=JOINT_DIM, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        text_dim=JOINT_DIM, freq_dim=32, ffn_dim=96, num_layers=2, cross_attn_norm=True,  # ffn 6x width (Wan2.1: 5.83x)
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     gen = torch.Generator().manual_seed(seed + 4)
     vae = AutoencoderKLWan(base_dim=4, z_dim=c, dim_mult=[1, 1, 1, 1], num_res_blocks=1,

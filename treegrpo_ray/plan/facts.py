@@ -17,6 +17,14 @@ nothing, and its parameters are counted. Sources:
       (hidden 3072 = 24 x 128, depth 19 + 38 single, vec_in 768, context 4096, in 64, guidance_embed)
     - sd15.json: huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json (a copy of
       runwayml's); the same dict appears verbatim in public T2I-Adapter UNet code (found by code search)
+    - wan21_t2v_1p3b.json: huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json as
+      published (30 layers, 12 heads x 128 = 1536, ffn 8960, in/out 16, patch (1, 2, 2), text_dim
+      4096, freq_dim 256, RMS q/k norm across heads), written from the model card / config as known
+      to this project (no network here to re-fetch it); counted: 1,418,996,800 parameters
+      (Wan's "1.3B"). Its text encoder is UMT5-XXL's encoder (google/umt5-xxl: d_model 4096, d_ff
+      10240, 24 layers, 64 heads, vocabulary 256,384, gated-GELU: 5,680,910,336 on the meta
+      device) and its VAE AutoencoderKLWan at diffusers' defaults, which are Wan2.1's (base_dim 96,
+      z_dim 16, dim_mult [1, 2, 4, 4]: 126,892,531; 8x spatial, 4x temporal)
   and, for their text encoders and VAEs, a table of published parameter counts (TEXT_ENCODERS,
   VAES below). Those numbers were checked by building each published config on the meta device
   with transformers 5.25 / diffusers 0.42 (CLIP-L/14 text with projection 123,650,304, without
@@ -44,13 +52,16 @@ from treegrpo_ray.config import ConfigError
 HUB_CONFIGS = Path(__file__).parent / "hub_configs"
 DENOISER_CLASSES = {"StableDiffusion3Pipeline": ("transformer", "SD3Transformer2DModel", "sd3"),
                     "FluxPipeline": ("transformer", "FluxTransformer2DModel", "flux"),
-                    "StableDiffusionPipeline": ("unet", "UNet2DConditionModel", "sd15")}
+                    "StableDiffusionPipeline": ("unet", "UNet2DConditionModel", "sd15"),
+                    "WanPipeline": ("transformer", "WanTransformer3DModel", "wan")}
 CLIP_L_PROJ = ("CLIP-L/14 text", 123_650_304)      # CLIPTextModelWithProjection (SD3 text_encoder)
 CLIP_L = ("CLIP-L/14 text", 123_060_480)           # CLIPTextModel (FLUX, SD1.5)
 CLIP_BIGG = ("OpenCLIP bigG/14 text", 694_659_840)  # CLIPTextModelWithProjection (SD3 text_encoder_2)
 T5_XXL = ("T5-v1.1-XXL encoder", 4_762_310_656)    # T5EncoderModel (SD3 text_encoder_3, FLUX text_encoder_2)
 VAE_16CH = 83_819_683                              # AutoencoderKL, 16 latent channels, no quant convs
 VAE_SD1 = 83_653_863                               # AutoencoderKL, 4 latent channels
+UMT5_XXL = ("UMT5-XXL encoder", 5_680_910_336)     # UMT5EncoderModel (Wan2.1 text_encoder)
+VAE_WAN = 126_892_531                              # AutoencoderKLWan (Wan2.1), 16 latent channels
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class HubModel:
     denoiser_config: str                           # file in plan/hub_configs/
     text_encoders: tuple[tuple[str, int], ...]
     vae_params: int
+    vae: tuple[int, int, int] = (128, 8, 0)        # (VAE width at full resolution, spatial factor, temporal factor)
 
 
 HUB_MODELS = {
@@ -67,6 +79,7 @@ HUB_MODELS = {
     "black-forest-labs/FLUX.1-dev": HubModel("FluxPipeline", "flux1_dev.json", (CLIP_L, T5_XXL), VAE_16CH),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
     "runwayml/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": HubModel("WanPipeline", "wan21_t2v_1p3b.json", (UMT5_XXL,), VAE_WAN, (96, 8, 4)),
 }
 HUB_VAE = {"vae_channels": 128, "vae_scale_factor": 8, "clip_tokens": 77}  # all three: block_out_channels[0] 128
 
@@ -109,6 +122,7 @@ class ModelFacts:
     token_patch: int                               # latent pixels per token side (SD3: patch 2; FLUX: 2x2 packing)
     clip_tokens: int                               # CLIP tokenizer length (SD3's context = this + T5 tokens)
     guidance_distilled: bool                       # FLUX.1-dev: guidance embedding, no CFG batch
+    vae_scale_factor_temporal: int = 0             # video (Wan): frames per latent frame; 0 for image models
 
 
 def meta_count(module: torch.nn.Module) -> int:
@@ -192,15 +206,22 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         encoders = tuple((f"{k} ({v[1]})", _local_component_params(root, k, v[0], v[1])) for k, v in sorted(index.items())
                          if k.startswith("text_encoder") and isinstance(v, list) and v[0] is not None)
         vae_cfg = json.loads((root / "vae" / "config.json").read_text()) if (root / "vae" / "config.json").is_file() else None
-        vae_params = _local_component_params(root, "vae", "diffusers", "AutoencoderKL") if vae_cfg else 0
-        vae_channels = vae_cfg["block_out_channels"][0] if vae_cfg else 0
-        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 8
+        vae_class = vae_cfg.get("_class_name", "AutoencoderKL") if vae_cfg else "AutoencoderKL"
+        vae_params = _local_component_params(root, "vae", "diffusers", vae_class) if vae_cfg else 0
+        temporal = 0
+        if vae_cfg and "scale_factor_spatial" in vae_cfg:  # AutoencoderKLWan: base_dim wide, factors stated
+            vae_channels, vae_factor = vae_cfg["base_dim"], vae_cfg["scale_factor_spatial"]
+            temporal = vae_cfg["scale_factor_temporal"]
+        else:
+            vae_channels = vae_cfg["block_out_channels"][0] if vae_cfg else 0
+            vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) if vae_cfg else 8
         tok = root / "tokenizer" / "tokenizer_config.json"
         clip_tokens = int(json.loads(tok.read_text()).get("model_max_length", 77)) if tok.is_file() else 77
     else:
         hub = HUB_MODELS[pretrained]
         encoders, vae_params = hub.text_encoders, hub.vae_params
-        vae_channels, vae_factor, clip_tokens = HUB_VAE["vae_channels"], HUB_VAE["vae_scale_factor"], HUB_VAE["clip_tokens"]
+        vae_channels, vae_factor, temporal = hub.vae
+        clip_tokens = HUB_VAE["clip_tokens"]
     if family == "sd3":
         width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
         dual, patch, latent = len(cfg.dual_attention_layers or ()), cfg.patch_size, cfg.in_channels
@@ -208,6 +229,9 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         width, layers = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers + cfg.num_single_layers
         heads = cfg.num_attention_heads
         dual, patch, latent = 0, 2, cfg.in_channels // 4     # 2x2 packing: in_channels = 4 x latent channels
+    elif family == "wan":  # tokens: latent frames x (h/2) x (w/2); the text only enters through cross-attention
+        width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
+        dual, patch, latent = 0, cfg.patch_size[1], cfg.in_channels
     else:
         # a UNet's activations: level i holds (pixels / 4^i) x block_out_channels[i] per layer, so
         # its "width" is sum_i channels_i / 4^i in units of the top level's pixels
@@ -220,7 +244,8 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         denoiser_params=meta_count(model), lora_params=lora_count(model, lora_rank, lora_targets) if lora_rank else 0,
         text_encoders=encoders, vae_params=vae_params, vae_channels=vae_channels, vae_scale_factor=vae_factor,
         latent_channels=latent, width=width, heads=heads, layers=layers, dual_layers=dual, token_patch=patch,
-        clip_tokens=clip_tokens, guidance_distilled=bool(getattr(cfg, "guidance_embeds", False)))
+        clip_tokens=clip_tokens, guidance_distilled=bool(getattr(cfg, "guidance_embeds", False)),
+        vae_scale_factor_temporal=temporal)
 
 
 def _safetensors_params(path: Path) -> int:
