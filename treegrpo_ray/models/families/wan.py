@@ -27,6 +27,11 @@ linspace(1, 1/1000, T+1)[:-1] then 0; Euler: its own shifted linspace ending at 
 the samples: a checkpoint trained here is sampled best with the Euler scheduler
 (`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(..., shift=flow_shift)`).
 
+Export: LoRA loads with `pipe.load_lora_weights(dir)`; a full fine-tune with `pipe.transformer =
+AutoModel.from_pretrained(dir, subfolder="transformer")`, because diffusers 0.42's
+`from_pretrained(base, transformer=...)` ignores the keyword for WanPipeline (its transformer is an
+optional component, taken for an optional keyword, and the saved one is loaded over it).
+
 Not served: Wan2.2's two-expert pipelines (`transformer_2` / `boundary_ratio`) and its TI2V
 per-token timesteps (`expand_timesteps`); image-to-video (`WanImageToVideoPipeline`). Sizes are
 square (resolution x resolution), as for the image families; Wan's native 832x480 is not square.
