@@ -165,6 +165,14 @@ def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]):
     return out, images, per_image
 
 
+def _is_wan(export: str, name: str) -> bool:
+    try:
+        return json.loads(storage.read_bytes(storage.join(export, name, "config.json"))).get(
+            "_class_name") == "WanTransformer3DModel"
+    except (OSError, ValueError):
+        return False
+
+
 def keep_clips(tracker, run_dir: str, step: int, images) -> None:
     """A video run's eval clips (B, T, 3, H, W): the first few as GIFs in the run folder's samples/
     and in the MLflow run (samples/clips). Images runs have none."""
@@ -478,8 +486,13 @@ def result_lines(cfg: Config, summary: dict) -> list[str]:
                      f'pipe.load_lora_weights("{src}")')
     else:
         name = "unet" if "unet" in {storage.name(d) for d in storage.list_dirs(export)} else "transformer"  # SD1.5
-        lines.append(f'load it: from diffusers import AutoModel, DiffusionPipeline; pipe = DiffusionPipeline.'
-                     f'from_pretrained("{base}", {name}=AutoModel.from_pretrained("{src}", subfolder="{name}"))')
+        if _is_wan(export, name):  # diffusers ignores transformer= for WanPipeline (families/wan.py): assign it
+            lines.append(f'load it: from diffusers import AutoModel, DiffusionPipeline; pipe = DiffusionPipeline.'
+                         f'from_pretrained("{base}"); pipe.transformer = AutoModel.from_pretrained("{src}", '
+                         f'subfolder="transformer")')
+        else:
+            lines.append(f'load it: from diffusers import AutoModel, DiffusionPipeline; pipe = DiffusionPipeline.'
+                         f'from_pretrained("{base}", {name}=AutoModel.from_pretrained("{src}", subfolder="{name}"))')
     if summary.get("figures"):
         lines.append(f"figures: {', '.join(summary['figures'])}")
     lines.append(f"checkpoints: {summary['run_dir'].split('?')[0].rstrip('/')}/checkpoints"

@@ -88,7 +88,8 @@ class VideoLatentDecoder:
         self.batch_size = batch_size
         self.latent_channels = int(vae.config.z_dim)
         self.mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        # the pipeline's own arithmetic (divide by 1 / std), so the decode matches it to rounding
+        self.inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
 
     @property
     def device(self) -> torch.device:
@@ -102,10 +103,10 @@ class VideoLatentDecoder:
         if latents.shape[0] == 0:
             raise ValueError("empty batch: latents has B = 0")
         dtype = next(self.vae.parameters()).dtype
-        mean, std = self.mean.to(self.device), self.std.to(self.device)
+        mean, inv_std = self.mean.to(self.device), self.inv_std.to(self.device)
         out = []
         for chunk in latents.split(self.batch_size):
-            z = chunk.to(self.device, torch.float32) * std + mean              # (b, C, F, h, w)
+            z = chunk.to(self.device, torch.float32) / inv_std + mean          # (b, C, F, h, w)
             x = self.vae.decode(z.to(dtype), return_dict=False)[0].float()     # (b, 3, T, H, W)
             out.append((x / 2 + 0.5).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4))  # (b, T, 3, H, W)
         return torch.cat(out)
