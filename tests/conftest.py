@@ -15,7 +15,8 @@ LONGEST_FIRST = ("test_system.py", "test_outputs.py", "test_evaluate.py", "test_
                  "test_preemption.py", "test_faults.py", "test_security.py", "test_cli.py", "test_tracking.py",
                  "test_fsdp.py", "test_miniature_assets.py", "test_ddp_accumulation.py", "test_families.py",
                  "test_guards.py", "test_layering.py", "test_local_ray.py", "test_fingerprint.py", "test_dispatch.py",
-                 "test_packaging.py", "test_family_sd35.py", "test_family_wan.py", "test_tree_sampler.py", "test_batch_arithmetic.py")
+                 "test_packaging.py", "test_family_sd35.py", "test_family_wan.py", "test_tree_sampler.py",
+                 "test_batch_arithmetic.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -52,8 +52,8 @@ def test_counts_from_configs_equal_the_loaded_models(tiny, family):
     """Parameter and LoRA counts read from config files (meta device) equal the real modules'."""
     from treegrpo_ray.models.policy import DiffusionPolicy
     facts = model_facts(tiny[family], lora_rank=4, lora_targets=("to_q", "to_k", "to_v", "to_out.0"))
-    policy = DiffusionPolicy.from_pretrained(tiny[family], max_sequence_length=8, resolution=16 if family != "wan" else 32,
-                                             lora_rank=4)
+    resolution = 32 if family == "wan" else 16  # Wan: 8x VAE x patch 2
+    policy = DiffusionPolicy.from_pretrained(tiny[family], max_sequence_length=8, resolution=resolution, lora_rank=4)
     trainable = sum(p.numel() for p in policy.denoiser.parameters() if p.requires_grad)
     base = sum(p.numel() for n, p in policy.denoiser.named_parameters() if "lora_" not in n)
     assert (facts.lora_params, facts.denoiser_params) == (trainable, base)

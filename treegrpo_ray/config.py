@@ -38,8 +38,8 @@ def _copy(x):
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: str = doc("miniature", "diffusers pipeline: 'miniature' (shipped), a hub id or a local directory")
-    kind: str = doc("auto", "auto (from the pipeline's class: SD3/SD3.5 and FLUX.1 are flow, SD1.5 is ddim) | flow "
-                    "| ddim (insist on one; a pipeline of the other kind is an error)")
+    kind: str = doc("auto", "auto (from the pipeline's class: SD3/SD3.5, FLUX.1 and Wan2.1 are flow, SD1.5 is ddim) "
+                    "| flow | ddim (insist on one; a pipeline of the other kind is an error)")
     dtype: str = doc("float32", "weights dtype of the trainable model: float32 | bfloat16 | float16")
     device: str = doc("auto", "auto (cuda if available) | cpu | cuda")
     resolution: int = doc(32, "image height = width in pixels (SD3.5-medium: 512)")

@@ -79,7 +79,8 @@ HUB_MODELS = {
     "black-forest-labs/FLUX.1-dev": HubModel("FluxPipeline", "flux1_dev.json", (CLIP_L, T5_XXL), VAE_16CH),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
     "runwayml/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
-    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": HubModel("WanPipeline", "wan21_t2v_1p3b.json", (UMT5_XXL,), VAE_WAN, (96, 8, 4)),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": HubModel("WanPipeline", "wan21_t2v_1p3b.json", (UMT5_XXL,), VAE_WAN,
+                                                 (96, 8, 4)),
 }
 HUB_VAE = {"vae_channels": 128, "vae_scale_factor": 8, "clip_tokens": 77}  # all three: block_out_channels[0] 128
 

@@ -20,4 +20,5 @@ def family_for(pipeline_class: str) -> type:
     raise NotImplementedError(f"{pipeline_class} is not a supported pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}")
 
 
-__all__ = ["FAMILIES", "SUPPORTED_PIPELINES", "Family", "family_for", "FluxFamily", "SD15Family", "SD3Family", "WanFamily"]
+__all__ = ["FAMILIES", "SUPPORTED_PIPELINES", "Family", "family_for", "FluxFamily", "SD15Family", "SD3Family",
+           "WanFamily"]
