@@ -180,3 +180,5 @@ def test_a_short_run_trains_and_exports_what_plain_diffusers_loads(wan, tmp_path
             assert im.n_frames == FRAMES and im.size == (SIDE, SIDE)
         with Image.open(grids[-1]) as im:   # 2 clips x 8 frames, 2 px padding
             assert im.size == (8 * (SIDE + 2), 2 * (SIDE + 2))
+        logged = sorted(p.name for p in tmp_path.glob("mlartifacts/*/artifacts/samples/clips/*.gif"))
+        assert logged == [g.name for g in gifs]                     # the same clips in the MLflow run

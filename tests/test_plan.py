@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tools.plan_calibrate import case_for, estimate, measure_in_subprocess, tiny_config
+from tools.plan_calibrate import WAN_NUM_FRAMES, case_for, estimate, measure_in_subprocess, tiny_config
 from tools.tiny_pipelines import save_tiny, save_tiny_sd3
 from treegrpo_ray import plan
 from treegrpo_ray.config import load_config
@@ -184,7 +184,8 @@ SECOND_TIER = pytest.mark.integration  # ~80 s more: run by .ci/run's second tie
 @pytest.mark.parametrize("family,resolution,extra", [
     ("sd3", 64, []), pytest.param("sd3", 64, LORA_CKPT, marks=SECOND_TIER),
     pytest.param("flux", 128, [], marks=SECOND_TIER), ("flux", 128, LORA_CKPT),
-    ("sd15", 48, []), pytest.param("sd15", 64, LORA_CKPT, marks=SECOND_TIER)])
+    ("sd15", 48, []), pytest.param("sd15", 64, LORA_CKPT, marks=SECOND_TIER),
+    ("wan", 128, [f"model.num_frames={WAN_NUM_FRAMES}"])])
 def test_learner_estimate_against_measured_peak(tiny, family, resolution, extra):
     cfg = tiny_config(tiny[family], resolution, 32, *extra)
     predicted = estimate(cfg)["total"]
