@@ -16,7 +16,8 @@ LONGEST_FIRST = ("test_cluster.py", "test_learning.py", "test_deploy_emulation.p
                  "test_preemption.py", "test_faults.py", "test_security.py", "test_cli.py", "test_tracking.py",
                  "test_fsdp.py", "test_miniature_assets.py", "test_ddp_accumulation.py", "test_families.py",
                  "test_guards.py", "test_layering.py", "test_local_ray.py", "test_fingerprint.py", "test_dispatch.py",
-                 "test_packaging.py", "test_family_sd35.py", "test_family_qwenimage.py", "test_tree_sampler.py",
+                 "test_packaging.py", "test_family_sd35.py", "test_family_qwenimage.py", "test_family_wan.py",
+                 "test_tree_sampler.py",
                  "test_batch_arithmetic.py")
 
 
@@ -72,7 +73,7 @@ SD15_HUB_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_s
 def tiny_family_pipelines(tmp_path_factory):
     """Tiny random-init pipelines of each family's real structure, saved with `save_pretrained`:
     sd35 (SD3.5-medium's layers), flux (FLUX.1-dev), flux_schnell, sd15 (with the hub's PNDM config),
-    qwenimage (Qwen-Image)."""
+    qwenimage (Qwen-Image), wan (Wan2.1 T2V, with a FlowMatchEuler scheduler)."""
     import json
 
     import torch
@@ -84,7 +85,8 @@ def tiny_family_pipelines(tmp_path_factory):
                 "flux": save_tiny("flux", tmp_path_factory.mktemp("flux")),
                 "flux_schnell": save_tiny("flux", tmp_path_factory.mktemp("schnell"), guidance_embeds=False),
                 "sd15": save_tiny("sd15", tmp_path_factory.mktemp("sd15")),
-                "qwenimage": save_tiny("qwenimage", tmp_path_factory.mktemp("qwenimage"))}
+                "qwenimage": save_tiny("qwenimage", tmp_path_factory.mktemp("qwenimage")),
+                "wan": save_tiny("wan", tmp_path_factory.mktemp("wan"))}
     index = json.loads((dirs["sd15"] / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "PNDMScheduler"]
     (dirs["sd15"] / "model_index.json").write_text(json.dumps(index))

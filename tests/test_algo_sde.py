@@ -211,3 +211,24 @@ def test_per_row_sigma_tensors_equal_per_row_scalar_calls(seed, sigs, eta):
         torch.testing.assert_close(batched.log_prob[i:i + 1], row.log_prob)
         torch.testing.assert_close(flow_ode_step(x, v, sigma, sigma_next)[i:i + 1],
                                    flow_ode_step(x[i:i + 1], v[i:i + 1], s, s_next))
+
+
+def test_video_latents_step_like_their_frames_stacked_as_channels():
+    # (B, C, F, H, W) video latents: per-row sigmas broadcast over all four latent dims, and the
+    # mean-reduced log-prob is the mean over C*F*H*W elements. Folding F into C, (B, C*F, H, W),
+    # is the same set of elements, so every step must agree with the 4-D image path exactly.
+    gen = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 3, 5, 4, 4, generator=gen), torch.randn(2, 3, 5, 4, 4, generator=gen)
+    s, s_next = torch.tensor([0.9, 0.5]), torch.tensor([0.7, 0.25])
+    fold = lambda t: t.reshape(t.shape[0], -1, *t.shape[-2:])  # noqa: E731  (B, C*F, H, W)
+    torch.testing.assert_close(fold(flow_ode_step(x, v, s, s_next)), flow_ode_step(fold(x), fold(v), s, s_next),
+                               rtol=0, atol=0)
+    video = flow_sde_step(x, v, s, s_next, 0.7, generator=torch.Generator().manual_seed(1), n_children=3)
+    assert video.sample.shape == (2, 3, 3, 5, 4, 4) and video.std.shape == (2, 1, 1, 1, 1)
+    image = flow_sde_step(fold(x), fold(v), s, s_next, 0.7, prev_sample=video.sample.reshape(2, 3, 15, 4, 4))
+    torch.testing.assert_close(video.log_prob, image.log_prob, rtol=0, atol=1e-6)
+    again = flow_sde_step(x, v, s, s_next, 0.7, prev_sample=video.sample)
+    torch.testing.assert_close(again.log_prob, video.log_prob, rtol=0, atol=0)
+    ddim = ddim_step_with_logprob(x, v, torch.tensor([0.3, 0.5]), torch.tensor([0.6, 0.9]), 1.0, n_children=2,
+                                  generator=torch.Generator().manual_seed(2))
+    assert ddim.log_prob.shape == (2, 2) and torch.isfinite(ddim.log_prob).all()

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import ray
 import torch
 
 from treegrpo_ray.actors import pools

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tools.plan_calibrate import case_for, estimate, measure_in_subprocess, tiny_config
+from tools.plan_calibrate import WAN_NUM_FRAMES, case_for, estimate, measure_in_subprocess, tiny_config
 from tools.tiny_pipelines import save_tiny, save_tiny_sd3
 from treegrpo_ray import plan
 from treegrpo_ray.config import load_config
@@ -36,7 +36,8 @@ def tiny(tmp_path_factory):
         return {"sd3": str(save_tiny_sd3(tmp_path_factory.mktemp("sd35"), sd35=True)),
                 "flux": str(save_tiny("flux", tmp_path_factory.mktemp("flux"))),
                 "sd15": str(save_tiny("sd15", tmp_path_factory.mktemp("sd15"))),
-                "qwenimage": str(save_tiny("qwenimage", tmp_path_factory.mktemp("qwenimage")))}
+                "qwenimage": str(save_tiny("qwenimage", tmp_path_factory.mktemp("qwenimage"))),
+                "wan": str(save_tiny("wan", tmp_path_factory.mktemp("wan")))}
 
 
 def items(layout, pool):
@@ -47,12 +48,13 @@ def find(d, prefix):
     return next(v for k, v in d.items() if k.startswith(prefix))
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "sd15", "qwenimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "sd15", "qwenimage", "wan"])
 def test_counts_from_configs_equal_the_loaded_models(tiny, family):
     """Parameter and LoRA counts read from config files (meta device) equal the real modules'."""
     from treegrpo_ray.models.policy import DiffusionPolicy
     facts = model_facts(tiny[family], lora_rank=4, lora_targets=("to_q", "to_k", "to_v", "to_out.0"))
-    policy = DiffusionPolicy.from_pretrained(tiny[family], max_sequence_length=8, resolution=16, lora_rank=4)
+    resolution = 32 if family == "wan" else 16  # Wan: 8x VAE x patch 2
+    policy = DiffusionPolicy.from_pretrained(tiny[family], max_sequence_length=8, resolution=resolution, lora_rank=4)
     trainable = sum(p.numel() for p in policy.denoiser.parameters() if p.requires_grad)
     base = sum(p.numel() for n, p in policy.denoiser.named_parameters() if "lora_" not in n)
     assert (facts.lora_params, facts.denoiser_params) == (trainable, base)
@@ -116,7 +118,8 @@ def test_sampler_rows_are_one_calls_share():
 PUBLISHED = {"sd35m_hps": "2,243,171,520 params",    # SD3.5-medium's MMDiT-X, from its published config
              "flux1dev_hps": "11,901,408,320 params",  # FLUX.1-dev's transformer
              "sd15_hps": "859,520,964 params",         # SD1.5's UNet
-             "qwenimage_hps": "20,430,401,088 params"}  # Qwen-Image's transformer
+             "qwenimage_hps": "20,430,401,088 params",   # Qwen-Image's transformer
+             "wan21_t2v_1p3b": "1,418,996,800 params"}  # Wan2.1-T2V-1.3B's WanTransformer3DModel
 
 
 @pytest.mark.parametrize("config", sorted(PUBLISHED))
@@ -139,6 +142,16 @@ def test_full_finetune_of_sd35m_on_one_gpu_is_refused_with_the_fix():
     for fix in ("model.lora_rank=32", "learner.strategy=fsdp", "learner.gradient_checkpointing=true"):
         assert fix in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_video_tokens_are_frames_times_tokens_and_a_layout_that_does_not_fit_is_refused():
+    # Wan2.1 1.3B at 480 px x 33 frames: latents (16, 9, 60, 60) -> 9 x 30 x 30 = 8,100 tokens per row
+    cfg = load_config("configs/wan21_t2v_1p3b.yaml")
+    m = model_facts(cfg.model.pretrained, lora_rank=32, lora_targets=tuple(cfg.model.lora_targets))
+    assert plan.row_tokens(cfg, m) == (9 * 30 * 30, 512) and plan.activation_unit(cfg, m) == 8100 * 1536 * 2
+    assert plan.row_tokens(load_config("configs/wan21_t2v_1p3b.yaml", ["model.num_frames=81"]), m)[0] == 21 * 900
+    out = cli("--config", "wan21_t2v_1p3b", "learner.gradient_checkpointing=false")
+    assert out.returncode != 0 and "learner: needs" in out.stderr and "gradient_checkpointing=true" in out.stderr
 
 
 def test_fractional_gpus_share_one_gpu():
@@ -173,7 +186,8 @@ SECOND_TIER = pytest.mark.integration  # ~80 s more: run by .ci/run's second tie
 @pytest.mark.parametrize("family,resolution,extra", [
     ("sd3", 64, []), pytest.param("sd3", 64, LORA_CKPT, marks=SECOND_TIER),
     pytest.param("flux", 128, [], marks=SECOND_TIER), ("flux", 128, LORA_CKPT),
-    ("sd15", 48, []), pytest.param("sd15", 64, LORA_CKPT, marks=SECOND_TIER)])
+    ("sd15", 48, []), pytest.param("sd15", 64, LORA_CKPT, marks=SECOND_TIER),
+    ("wan", 128, [f"model.num_frames={WAN_NUM_FRAMES}"])])
 def test_learner_estimate_against_measured_peak(tiny, family, resolution, extra):
     cfg = tiny_config(tiny[family], resolution, 32, *extra)
     predicted = estimate(cfg)["total"]

@@ -55,7 +55,7 @@ def load_denoiser(pipeline_dir: str):
 
 
 def denoiser_inputs(model, rows: int, latent_side: int, text_tokens: int, dtype: str = "float32") -> dict:
-    """Random inputs of the shapes the policy feeds each family (SD3, FLUX, UNet, Qwen-Image), in `dtype`."""
+    """Random inputs of the shapes the policy feeds each family (SD3, FLUX, UNet, Qwen-Image, Wan), in `dtype`."""
     floating = ("hidden_states", "sample", "encoder_hidden_states", "pooled_projections")
     return {k: v.to(getattr(torch, dtype)) if k in floating else v
             for k, v in _inputs(model, rows, latent_side, text_tokens).items()}
@@ -82,6 +82,10 @@ def _inputs(model, rows: int, latent_side: int, text_tokens: int) -> dict:
         return dict(hidden_states=torch.randn(rows, side * side, cfg.in_channels, generator=g), timestep=t / 1000,
                     encoder_hidden_states=torch.randn(rows, text_tokens, cfg.joint_attention_dim, generator=g),
                     img_shapes=[[(1, side, side)]] * rows)
+    if name == "WanTransformer3DModel":  # video: FRAMES_FOR_WAN latent frames of latent_side x latent_side
+        return dict(hidden_states=torch.randn(rows, cfg.in_channels, WAN_LATENT_FRAMES, latent_side, latent_side,
+                                              generator=g),
+                    timestep=t, encoder_hidden_states=torch.randn(rows, text_tokens, cfg.text_dim, generator=g))
     if name == "UNet2DConditionModel":
         return dict(sample=torch.randn(rows, cfg.in_channels, latent_side, latent_side, generator=g), timestep=t,
                     encoder_hidden_states=torch.randn(rows, text_tokens, cfg.cross_attention_dim, generator=g))
@@ -165,9 +169,11 @@ def measure_in_subprocess(timeout: float = 300, **kwargs) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-FAMILY_KW = {"sd3": {"sd35": True}, "flux": {}, "sd15": {}, "qwenimage": {}}
-# tiny VAEs: factor 2; SD3's pos_embed caps 64
-RESOLUTIONS = {"sd3": (32, 64), "flux": (64, 128), "sd15": (32, 64), "qwenimage": (64, 128)}
+FAMILY_KW = {"sd3": {"sd35": True}, "flux": {}, "sd15": {}, "qwenimage": {}, "wan": {}}
+# tiny VAEs: factor 2 (Wan's: 8); SD3's pos_embed caps 64
+RESOLUTIONS = {"sd3": (32, 64), "flux": (64, 128), "sd15": (32, 64), "qwenimage": (64, 128), "wan": (128, 256)}
+WAN_NUM_FRAMES = 9                                   # the Wan fit's clips: 9 frames -> 3 latent frames
+WAN_LATENT_FRAMES = (WAN_NUM_FRAMES - 1) // 4 + 1
 
 
 def tiny_pipeline(family: str, root: str | Path) -> str:
@@ -233,7 +239,8 @@ def fit(family: str, root: str | Path, rows: tuple[int, ...] = (16, 48)) -> dict
     runs = []
     for res in RESOLUTIONS[family]:
         for n in rows:
-            cfg = tiny_config(pipe, res, n, "model.guidance_scale=1", f"tree.max_batch={n}")
+            video = [f"model.num_frames={WAN_NUM_FRAMES}"] if family == "wan" else []
+            cfg = tiny_config(pipe, res, n, "model.guidance_scale=1", f"tree.max_batch={n}", *video)
             unit = plan.activation_unit(cfg, m)
             g = measure_in_subprocess(**case_for(cfg))
             c = measure_in_subprocess(**dict(case_for(cfg), gradient_checkpointing=True))

@@ -1,7 +1,7 @@
 """Tiny, randomly initialised pipelines of each supported family, built offline (tests, gpu_check).
 
-SD3 / SD3.5 (`build_tiny_sd3`), FLUX.1 (`build_tiny_flux`), SD1.5 with DDIM (`build_tiny_sd15`) and Qwen-Image
-(`build_tiny_qwenimage`):
+SD3 / SD3.5 (`build_tiny_sd3`), FLUX.1 (`build_tiny_flux`), SD1.5 with DDIM (`build_tiny_sd15`), Qwen-Image
+(`build_tiny_qwenimage`) and Wan2.1 text-to-video (`build_tiny_wan`):
 each has its family's real structure at toy width, so the production loading path runs on it.
 The SD3 notes below hold for the others where they share parts (CLIP tokenizer, VAE, sizes).
 
@@ -278,19 +278,63 @@ def build_tiny_qwenimage(tokenizer_dir: str | Path, seed: int = 0):
                                                                  vocab["<|im_end|>"], seed + 1))
 
 
+
+WAN_LATENT_CHANNELS = 4  # Wan2.1 has 16 (z_dim); 4 keeps the tiny VAE and transformer small
+
+
+def build_tiny_wan(tokenizer_dir: str | Path, seed: int = 0):
+    """A random-init tiny WanPipeline with Wan2.1 T2V's structure: a WanTransformer3DModel (patch
+    (1, 2, 2), RoPE over frames x rows x columns, RMS q/k norm across heads, cross-attention to
+    the text), an AutoencoderKLWan with Wan's 4x temporal / 8x spatial compression and per-channel
+    latents_mean / latents_std (made-up values here: the pipeline denormalises with them), a UMT5
+    text encoder with a real Unigram T5 tokenizer (Wan ships a UMT5 tokenizer; the pipeline reads
+    it through AutoTokenizer, so any T5-style tokenizer loads) and a FlowMatchEulerDiscreteScheduler
+    with Wan's shift 3.0 (480p; the hub ships UniPC with flow_shift 3.0, see families/wan.py for why
+    we step with Euler). 32x32 pixels x 9 frames -> latents (4, 3, 4, 4) -> 3 x 2 x 2 = 12 tokens."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from tools.miniature.tokenizer import build_t5_tokenizer
+
+    del tokenizer_dir  # the T5 tokenizer is built in memory; kept for the BUILDERS signature
+    torch.manual_seed(seed)
+    c = WAN_LATENT_CHANNELS
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=c, out_channels=c,
+        text_dim=JOINT_DIM, freq_dim=32, ffn_dim=96, num_layers=2, cross_attn_norm=True,  # ffn 6x width (Wan2.1: 5.83x)
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    gen = torch.Generator().manual_seed(seed + 4)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=c, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=(torch.randn(c, generator=gen) * 0.5).tolist(),
+                           latents_std=(torch.rand(c, generator=gen) + 0.5).tolist())
+    words = "a an the red green blue yellow circle square triangle and of on left right big small cat dog runs".split()
+    tokenizer = build_t5_tokenizer(words, max_length=32)
+    cfg = UMT5Config(vocab_size=len(tokenizer), d_model=JOINT_DIM, d_kv=8, d_ff=2 * JOINT_DIM, num_layers=1,
+                     num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, decoder_start_token_id=0,
+                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed + 3)
+    text_encoder = UMT5EncoderModel(cfg).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=scheduler)
+
+
+
 BUILDERS = {"sd3": build_tiny_sd3, "flux": build_tiny_flux, "sd15": build_tiny_sd15,
-            "qwenimage": build_tiny_qwenimage}
+            "qwenimage": build_tiny_qwenimage, "wan": build_tiny_wan}
 
 
 def save_tiny(family: str, out_dir: str | Path, seed: int = 0, **kw) -> Path:
-    """Build a tiny pipeline of `family` (sd3 | flux | sd15 | qwenimage) and `save_pretrained` it to out_dir/pipeline."""
+    """Build a tiny pipeline of `family` (sd3 | flux | sd15 | qwenimage | wan) and `save_pretrained` it to
+    out_dir/pipeline."""
     out_dir = Path(out_dir)
     pipe = BUILDERS[family](out_dir / "tokenizer_src", seed=seed, **kw)
     pipe.save_pretrained(out_dir / "pipeline")
     return out_dir / "pipeline"
 
 
-if __name__ == "__main__":  # python -m tools.tiny_pipelines {sd3,flux,sd15,qwenimage} OUT_DIR [--sd35]
+if __name__ == "__main__":  # python -m tools.tiny_pipelines {sd3,flux,sd15,qwenimage,wan} OUT_DIR [--sd35]
     import argparse
 
     ap = argparse.ArgumentParser(description="save a tiny random-init pipeline of a model family (seed 0)")

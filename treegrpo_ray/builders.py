@@ -70,7 +70,7 @@ def build_policy(cfg: Config, device: str | None = None):
         pipeline_path(cfg), kind=m.kind, dtype=m.dtype, device=device or m.device,
         lora_rank=m.lora_rank, lora_alpha=m.lora_alpha or None, lora_targets=tuple(m.lora_targets),
         guidance_scale=m.guidance_scale, true_cfg_scale=m.true_cfg_scale, max_sequence_length=m.max_sequence_length,
-        resolution=m.resolution)
+        resolution=m.resolution, num_frames=m.num_frames or None)
 
 
 def build_sampler(cfg: Config, policy):

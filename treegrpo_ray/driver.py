@@ -14,7 +14,6 @@ or `RaySystem` (actors + Ray Train); the driver cannot tell them apart.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ from treegrpo_ray import builders, preemption, report, run_end, storage
 from treegrpo_ray.algo.advantages import RunningPromptStats, combined_reward, leaf_advantages
 from treegrpo_ray.algo.seeds import iteration_seed, sampler_seed
 from treegrpo_ray.algo.tree import choose_window, count_nfe, count_nfe_flat
-from treegrpo_ray.config import Config, flatten, groups_per_iteration
+from treegrpo_ray.config import Config, groups_per_iteration
 from treegrpo_ray.drift import DriftWatch
 from treegrpo_ray.system import Collected, SampleRequest, System, concat_rewards
-from treegrpo_ray.run_folder import RunPaths, announce, redacted_config, resolve_output, resolve_paths
-from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
+from treegrpo_ray.run_folder import RunPaths, announce, resolve_output, resolve_paths, start_tracking
 from treegrpo_ray.types import BatchInfo, merge_infos
 
 EVAL_SEED = 1234
@@ -151,6 +149,25 @@ def evaluate(cfg: Config, system, prompts: list[str], held_out: list[str]):
     return out, images, per_image
 
 
+def evaluate_and_watch(cfg: Config, system, watch: DriftWatch, prompts: list[str], held_out: list[str], out):
+    """An evaluation, the drift of the watched metrics since the first one (printing the warning
+    if one fell while the reward rose), and the grid's images (a video run: clips)."""
+    m, images, per_image = evaluate(cfg, system, prompts, held_out)
+    drift, warning = watch.observe(per_image)
+    if warning:
+        print(warning, file=out, flush=True)
+    return m | drift, images
+
+
+def keep_clips(tracker, run_dir: str, step: int, images) -> None:
+    """A video run's eval clips (B, T, 3, H, W): the first few as GIFs in the run folder's samples/
+    and in the MLflow run (samples/clips). Image runs have none."""
+    if images is None or images.dim() != 5:
+        return
+    for location in report.save_clips(run_dir, step, images):
+        tracker.log_bytes(storage.read_bytes(location), location.rsplit("/", 1)[-1], "samples/clips")
+
+
 # ----------------------------------------------------------------------------- run setup
 
 def build_system(cfg: Config, resume_from) -> System:
@@ -168,12 +185,7 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
     builders.preflight(cfg)
     given, cfg = cfg.tracking.output_dir, resolve_output(cfg)
     paths = resolve_paths(cfg)
-    uri = tracking_uri(cfg.tracking.mlflow_uri, cfg.tracking.output_dir)
-    storage.write_text(storage.join(paths.run_dir, "config.json"), json.dumps(redacted_config(cfg), indent=2))
-    tracker = Tracker(uri, cfg.tracking.experiment, storage.name(paths.run_dir),
-                      run_id=paths.run_state.get("mlflow_run_id"), artifact_location=artifact_location(uri),
-                      verbose=cfg.tracking.verbose)
-    tracker.log_params(flatten(cfg))
+    tracker = start_tracking(cfg, paths)
     start = int(paths.run_state.get("next_iteration", 0))
     logged = tracker.last_step("time/iter_s") if start else 0  # a killed job may have logged past its checkpoint
     announce(cfg, given, paths, tracker, start, out)
@@ -187,12 +199,19 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
         system = build_system(cfg, paths.resume_from)
         preemption.install()  # after Ray's own SIGTERM handler (build_system starts Ray): ours replaces it
         watch = DriftWatch(builders.eval_metrics(cfg))
+
+        def evaluation(step: int) -> dict[str, float]:
+            m, images = evaluate_and_watch(cfg, system, watch, eval_prompts, held_out, out)
+            if step == 0 or (due(cfg.tracking.sample_grid_every, step, cfg.iterations) and step > logged):
+                tracker.log_image(images, "samples/eval", step=step)
+            if step in (0, cfg.iterations):  # the "before" and "after" halves of samples.png
+                report.save_grid(paths.run_dir, step, images)
+                keep_clips(tracker, paths.run_dir, step, images)
+            return m
+
         if start == 0 and cfg.eval_every and not paths.resume_from:  # (a resume at 0: stopped before iteration 1)
-            m, images, per_image = evaluate(cfg, system, eval_prompts, held_out)
-            watch.observe(per_image)
+            m = evaluation(0)
             tracker.log(m, step=0)
-            tracker.log_image(images, "samples/eval", step=0)
-            report.save_grid(paths.run_dir, 0, images)  # the "before" half of samples.png
             history.append({"iteration": 0, **m})
         handle = system.launch(requests_for(cfg, train_prompts, start)) if start < cfg.iterations else None
         loop_t0 = time.perf_counter()
@@ -200,17 +219,8 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
             preemption.check()
             handle, m = iteration(cfg, system, handle, train_prompts, it, stats)  # Preempted: sampling abandoned
             step = it + 1
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.iterations):
-                em, images, per_image = evaluate(cfg, system, eval_prompts, held_out)
-                drift, warning = watch.observe(per_image)
-                m.update(em | drift)
-                if warning:
-                    print(warning, file=out, flush=True)
-                if cfg.tracking.sample_grid_every and (step % cfg.tracking.sample_grid_every == 0 or
-                                                       step == cfg.iterations) and step > logged:
-                    tracker.log_image(images, "samples/eval", step=step)
-                if step == cfg.iterations:
-                    report.save_grid(paths.run_dir, step, images)  # the "after" half
+            if due(cfg.eval_every, step, cfg.iterations):
+                m.update(evaluation(step))
             if step > logged:  # else: a replayed step the killed job already logged
                 tracker.log(m, step=step)
             history.append({"iteration": step, **m})
@@ -235,6 +245,11 @@ def run(cfg: Config, *, out=sys.stdout) -> dict:
         preemption.uninstall()
         tracker.end(status)
     return run_end.summarize(history, paths, tracker, export_dir, builders.eval_metrics(cfg)) | extra
+
+
+def due(every: int, step: int, last: int) -> bool:
+    """A periodic stage after `step` iterations: every `every` (0: never) and at the last one."""
+    return bool(every) and (step % every == 0 or step == last)
 
 
 def iteration(cfg: Config, system, handle, prompts: list[str], it: int, stats: RunningPromptStats | None = None):

@@ -3,7 +3,8 @@
 * `reward_curve.png`: training reward (tree leaves), eval reward (training prompts, ODE) and
   held-out reward (prompts it never trains on) against iteration and against training seconds;
 * `samples.png`: the eval grid of the base model (iteration 0) over the trained one (the last),
-  same prompts and noise; the grids themselves are kept as `samples/iter_<step>.png`.
+  same prompts and noise; the grids themselves are kept as `samples/iter_<step>.png` (video: a
+  frames grid, one row per clip, and the first clips as `samples/iter_<step>_clip<i>.gif`).
 
 Both are rebuilt at the end from the MLflow run's whole metric history and the saved grids, so a
 resumed run's figures cover the whole run. Used by the driver only.
@@ -33,8 +34,34 @@ def png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+EVAL_CLIPS = 4     # clips of a video run's eval written as GIFs
+CLIP_FPS = 16      # Wan2.1's frame rate
+
+
+def gif(clip: torch.Tensor, fps: int = CLIP_FPS) -> bytes:
+    """One clip (T, 3, H, W) in [0, 1] -> an animated GIF (PIL: always installed, unlike an MP4 encoder)."""
+    from PIL import Image
+    frames = (clip.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (T, H, W, 3)
+    pics = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=round(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
+def save_clips(run_dir: str, step: int, clips: torch.Tensor, count: int = EVAL_CLIPS) -> list[str]:
+    """A video run's first `count` eval clips (B, T, 3, H, W) -> samples/iter_<step>_clip<i>.gif;
+    returns their locations (the frames grid is `save_grid`'s, as for images)."""
+    locations = []
+    for i, clip in enumerate(clips[:count]):
+        location = storage.join(run_dir, "samples", f"iter_{step:06d}_clip{i}.gif")
+        storage.write_bytes(location, gif(clip))
+        locations.append(location)
+    return locations
+
+
 def save_grid(run_dir: str, step: int, images: torch.Tensor) -> str:
-    """Eval images (B, 3, H, W) in [0, 1] -> samples/iter_<step>.png; returns its location."""
+    """Eval images (B, 3, H, W) in [0, 1] -> samples/iter_<step>.png; returns its location. Video
+    clips (B, T, 3, H, W) give a frames grid (one row per clip)."""
     from treegrpo_ray.tracking import make_grid
     location = grid_location(run_dir, step)
     storage.write_bytes(location, png(make_grid(images)))

@@ -3,6 +3,7 @@ lines that say where everything is) or stopped by a signal (checkpoint what is c
 continue)."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -89,14 +90,27 @@ def result_lines(cfg: Config, summary: dict) -> list[str]:
                      f'pipe.load_lora_weights("{src}")')
     else:
         name = "unet" if "unet" in {storage.name(d) for d in storage.list_dirs(export)} else "transformer"  # SD1.5
-        lines.append(f'load it: from diffusers import AutoModel, DiffusionPipeline; pipe = DiffusionPipeline.'
-                     f'from_pretrained("{base}", {name}=AutoModel.from_pretrained("{src}", subfolder="{name}"))')
+        if _is_wan(export, name):  # diffusers ignores transformer= for WanPipeline (families/wan.py): assign it
+            lines.append(f'load it: from diffusers import AutoModel, DiffusionPipeline; pipe = DiffusionPipeline.'
+                         f'from_pretrained("{base}"); pipe.transformer = AutoModel.from_pretrained("{src}", '
+                         f'subfolder="transformer")')
+        else:
+            lines.append(f'load it: from diffusers import AutoModel, DiffusionPipeline; pipe = DiffusionPipeline.'
+                         f'from_pretrained("{base}", {name}=AutoModel.from_pretrained("{src}", subfolder="{name}"))')
     if summary.get("figures"):
         lines.append(f"figures: {', '.join(summary['figures'])}")
     lines.append(f"checkpoints: {summary['run_dir'].split('?')[0].rstrip('/')}/checkpoints"
                  f" (resume: checkpoint.resume=latest tracking.run_name={storage.name(summary['run_dir'])})")
     lines.append(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (run {summary['mlflow_run_id']})")
     return lines
+
+
+def _is_wan(export: str, name: str) -> bool:
+    try:
+        return json.loads(storage.read_bytes(storage.join(export, name, "config.json"))).get(
+            "_class_name") == "WanTransformer3DModel"
+    except (OSError, ValueError):
+        return False
 
 
 def summarize(history: list[dict], paths: RunPaths, tracker, export_dir: str, watched: list[str] = ()) -> dict:

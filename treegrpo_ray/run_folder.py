@@ -1,8 +1,9 @@
-"""A run's folder, settled before anything starts: where its outputs go (`tracking.output_dir`
+"""A run's folder and MLflow run, settled before anything starts: where its outputs go (`tracking.output_dir`
 made absolute, or a URI), its run name, and the checkpoint it resumes from (`checkpoint.resume`),
 plus the config as it is written there and the run's first lines."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from treegrpo_ray import storage
 from treegrpo_ray.checkpoint import STATE_FILE, latest_checkpoint, read_run_state
 from treegrpo_ray.config import Config, ConfigError, flatten, to_dict
+from treegrpo_ray.tracking import Tracker, artifact_location, tracking_uri
 
 
 @dataclass
@@ -95,6 +97,18 @@ def resolve_output(cfg: Config) -> Config:
     """cfg with tracking.output_dir made absolute (or a URI), what every actor receives."""
     root = storage.resolve_output_dir(cfg.tracking.output_dir)
     return replace(cfg, tracking=replace(cfg.tracking, output_dir=root))
+
+
+def start_tracking(cfg: Config, paths: RunPaths) -> Tracker:
+    """The run's config.json (secrets masked) and its MLflow run (a resumed run's own), with the
+    config as its params."""
+    uri = tracking_uri(cfg.tracking.mlflow_uri, cfg.tracking.output_dir)
+    storage.write_text(storage.join(paths.run_dir, "config.json"), json.dumps(redacted_config(cfg), indent=2))
+    tracker = Tracker(uri, cfg.tracking.experiment, storage.name(paths.run_dir),
+                      run_id=paths.run_state.get("mlflow_run_id"), artifact_location=artifact_location(uri),
+                      verbose=cfg.tracking.verbose)
+    tracker.log_params(flatten(cfg))
+    return tracker
 
 
 def announce(cfg: Config, given_output_dir: str, paths: RunPaths, tracker, start: int, out) -> None:

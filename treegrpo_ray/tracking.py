@@ -108,7 +108,7 @@ class Tracker:
             self.mlflow.log_metrics(clean, step=step)
 
     def log_image(self, images: torch.Tensor, name: str, step: int) -> None:
-        """images (B, 3, H, W) in [0, 1] -> one grid PNG artifact."""
+        """images (B, 3, H, W) in [0, 1] -> one grid PNG artifact (clips (B, T, 3, H, W): a frames grid)."""
         grid = make_grid(images)
         self.mlflow.log_image(grid, key=name, step=step)
 
@@ -137,8 +137,16 @@ class Tracker:
         self.mlflow.end_run(status=status)
 
 
+GRID_FRAMES = 8  # frames per clip in a video's frames grid
+
+
 def make_grid(images: torch.Tensor, ncol: int = 8, pad: int = 2) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> (rows*(H+pad), ncol*(W+pad), 3) uint8."""
+    """(B, 3, H, W) float in [0, 1] -> (rows*(H+pad), ncol*(W+pad), 3) uint8. Video clips
+    (B, T, 3, H, W) give a frames grid: one row per clip, GRID_FRAMES evenly spaced frames."""
+    if images.dim() == 5:
+        from treegrpo_ray.rewards.video import frame_indices
+        idx = frame_indices(images.shape[1], GRID_FRAMES)
+        images, ncol = images[:, idx.to(images.device)].flatten(0, 1), idx.numel()  # (B*n, 3, H, W)
     b, _, h, w = images.shape
     ncol = min(ncol, b)
     nrow = (b + ncol - 1) // ncol

@@ -24,7 +24,7 @@ import torch
 @dataclass
 class TreeBatch:
     """Everything a sampler produced in one call. Shapes: N decisions, K children per decision,
-    M nodes, L leaves, (C, H, W) latent shape, T denoising steps."""
+    M nodes, L leaves, (C, H, W) latent shape ((C, F, H, W) for video), T denoising steps."""
 
     prompts: list[str]            # the distinct prompts of this batch; indices below point here
     sigmas: torch.Tensor          # (T+1,) float32 noise levels, sigmas[0] = 1 (noise) ... sigmas[T] = 0
@@ -63,8 +63,9 @@ class TreeBatch:
     def validate(self) -> "TreeBatch":
         """Check shapes and index ranges; raise ValueError naming the field at fault."""
         n, m, l = self.latents.shape[0], self.parent.shape[0], self.leaf_latents.shape[0]
-        if self.children.dim() != 5 or self.children.shape[0] != n:
-            raise ValueError(f"TreeBatch.children must be (N, K, C, H, W) with N={n}, got {tuple(self.children.shape)}")
+        if self.children.dim() != self.latents.dim() + 1 or self.children.shape[0] != n:
+            raise ValueError(f"TreeBatch.children must be (N, K, *latent) with N={n} and latents "
+                             f"{tuple(self.latents.shape)}, got {tuple(self.children.shape)}")
         k = self.children.shape[1]
         if self.children.shape[2:] != self.latents.shape[1:]:
             raise ValueError("TreeBatch.children latent shape differs from TreeBatch.latents")

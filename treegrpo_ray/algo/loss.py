@@ -68,18 +68,19 @@ def grpo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
 
 
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, std^2) || N(mean_ref, std^2)) per element, averaged over (C, H, W).
+    """KL(N(mean, std^2) || N(mean_ref, std^2)) per element, averaged over (C, H, W) (video: (C, F, H, W)).
 
-    mean, mean_ref (B, C, H, W); std broadcastable, e.g. (B, 1, 1, 1), must be > 0. Returns (B,).
+    mean, mean_ref (B, C, H, W) or (B, C, F, H, W); std broadcastable, e.g. (B, 1, 1, 1), must be > 0.
+    Returns (B,).
     """
-    if mean.dim() != 4 or mean_ref.shape != mean.shape:
-        raise ValueError(f"mean and mean_ref must both be (B, C, H, W), got {tuple(mean.shape)} "
+    if mean.dim() < 4 or mean_ref.shape != mean.shape:
+        raise ValueError(f"mean and mean_ref must both be (B, C, H, W) or (B, C, F, H, W), got {tuple(mean.shape)} "
                          f"and {tuple(mean_ref.shape)}")
     std = std.float()
     if not bool((std > 0).all()):
         raise ValueError("kl_to_reference needs std > 0 (a deterministic step has no Gaussian KL)")
     sq = (mean.float() - mean_ref.detach().float()) ** 2       # (B, C, H, W)
-    return (sq / (2 * std ** 2)).mean(dim=(1, 2, 3))           # (B,)
+    return (sq / (2 * std ** 2)).mean(dim=tuple(range(1, mean.dim())))  # (B,)
 
 
 def flow_grpo_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:

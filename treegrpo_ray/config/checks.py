@@ -27,6 +27,9 @@ def validate(cfg: Config) -> Config:
            f"{cfg.model.true_cfg_scale} is below 1", "use 1 (off) or e.g. 4 for FLUX true CFG")
     _check(cfg.model.resolution > 0 and cfg.model.resolution % 8 == 0, "model.resolution",
            f"{cfg.model.resolution} is not a positive multiple of 8", "use e.g. 32 (miniature) or 512")
+    _check(cfg.model.num_frames == 0 or (cfg.model.num_frames >= 1 and (cfg.model.num_frames - 1) % 4 == 0),
+           "model.num_frames", f"{cfg.model.num_frames} is not of the form 4k + 1 (Wan's VAE: the first frame, then "
+           "4 frames per latent frame)", "use e.g. 9, 33 or 81, or 0 for the pipeline's default")
     _check(cfg.model.lora_rank >= 0, "model.lora_rank", "must be >= 0", "use 0 for full fine-tune")
     _check(cfg.model.max_sequence_length >= 1, "model.max_sequence_length", "must be >= 1", "use e.g. 16 or 256")
     _validate_learner(cfg)

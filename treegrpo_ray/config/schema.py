@@ -35,8 +35,8 @@ def _copy(x):
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: str = doc("miniature", "diffusers pipeline: 'miniature' (shipped), a hub id or a local directory")
-    kind: str = doc("auto", "auto (from the pipeline's class: SD3/SD3.5 and FLUX.1 are flow, SD1.5 is ddim) | flow "
-                    "| ddim (insist on one; a pipeline of the other kind is an error)",
+    kind: str = doc("auto", "auto (from the pipeline's class: SD3/SD3.5, FLUX.1, Qwen-Image and Wan2.1 are flow, "
+                    "SD1.5 is ddim) | flow | ddim (insist on one; a pipeline of the other kind is an error)",
                     choices=("auto", "flow", "ddim"))
     dtype: str = doc("float32", "weights dtype of the trainable model: float32 | bfloat16 | float16",
                      choices=("float32", "bfloat16", "float16"))
@@ -47,6 +47,9 @@ class ModelConfig:
     true_cfg_scale: float = doc(1.0, "FLUX and Qwen-Image: real classifier-free guidance with the empty "
                                 "(Qwen-Image: ' ') negative prompt (> 1 doubles the batch); 1 = off")
     max_sequence_length: int = doc(16, "T5 tokens per prompt (SD3: up to 256; miniature: none); Qwen-Image: <= 1024")
+    num_frames: int = doc(0, "video pipelines (Wan2.1) only: frames per clip, 4k + 1 (Wan: 81 = 5 s at 16 fps; "
+                          "latent frames = (num_frames - 1) / 4 + 1); 0 = the pipeline's default (81). An image "
+                          "pipeline refuses any value but 0")
     lora_rank: int = doc(0, "LoRA rank on the transformer; 0 = full fine-tune")
     lora_alpha: int = doc(0, "LoRA alpha; 0 = same as rank")
     lora_targets: tuple[str, ...] = doc(("to_q", "to_k", "to_v", "to_out.0"), "module names LoRA adapts")

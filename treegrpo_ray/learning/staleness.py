@@ -77,7 +77,8 @@ def recenter(batch, rows: torch.Tensor, rescored: Rescored) -> Correction:
     moved = []
     for chunk, new in rescored(rows):
         shift[chunk] = new.mean.float().cpu() - batch.old_means[chunk].float()
-        moved.append(shift[chunk].pow(2).mean((1, 2, 3)).sqrt() / new.std.float().cpu().reshape(-1))
+        latent_dims = tuple(range(1, shift.dim()))  # (C, H, W), or (C, F, H, W) for video
+        moved.append(shift[chunk].pow(2).mean(latent_dims).sqrt() / new.std.float().cpu().reshape(-1))
     return Correction(shift=shift, metrics={"staleness/shift_over_std": float(torch.cat(moved).mean())})
 
 

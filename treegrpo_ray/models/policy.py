@@ -1,8 +1,8 @@
 """The diffusion policy: a diffusers text-to-image pipeline seen as pi_theta(x_{t-1} | x_t, c).
 
 What the sampler and learner need from the model, and nothing else, for every supported family
-(SD3/SD3.5, FLUX.1, SD1.5 with DDIM, Qwen-Image: `models/families/`), chosen once from the
-pipeline's class:
+(SD3/SD3.5, FLUX.1, SD1.5 with DDIM, Qwen-Image, Wan2.1 text-to-video: `models/families/`), chosen
+once from the pipeline's class. Video latents are (B, C, F, h, w) where images have (B, C, h, w):
 
 * loading by hub id or local dir through `DiffusionPipeline.from_pretrained` (HF_HUB_OFFLINE is
   honoured by huggingface_hub); components saved as null (e.g. SD3 without T5) load as None;
@@ -45,8 +45,11 @@ def dtype_kwargs(dtype: torch.dtype) -> dict:
 
 
 def vae_scale_factor_of(vae_config: dict) -> int:
-    """Pixels per latent side, as the pipelines compute it: AutoencoderKL 2**(levels - 1);
-    Qwen-Image's (and Wan's) 3-D VAE 2**len(temperal_downsample)."""
+    """Pixels per latent side, as the pipelines compute it: AutoencoderKLWan states it
+    (scale_factor_spatial); AutoencoderKL 2**(levels - 1); Qwen-Image's 3-D VAE
+    2**len(temperal_downsample)."""
+    if "scale_factor_spatial" in vae_config:
+        return int(vae_config["scale_factor_spatial"])
     if "temperal_downsample" in vae_config:  # diffusers' spelling
         return 2 ** len(vae_config["temperal_downsample"])
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -66,10 +69,16 @@ def _load_pipeline(path_or_id: str, dtype: torch.dtype, kind: str = "auto"):
     absent = {k: None for k, v in index.items() if isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is None}
     skip = {name: None for name in ("vae", "safety_checker", "feature_extractor", "image_encoder") if name in index}
     vae_scale_factor = 8  # diffusers' default when a pipeline has no VAE
+    temporal = None
     if index.get("vae", [None])[0] is not None:
-        vae_scale_factor = vae_scale_factor_of(AutoencoderKL.load_config(path_or_id, subfolder="vae"))
+        vae_cfg = AutoencoderKL.load_config(path_or_id, subfolder="vae")
+        vae_scale_factor = vae_scale_factor_of(vae_cfg)
+        if index.get("_class_name") == "WanPipeline" and "scale_factor_temporal" in vae_cfg:
+            temporal = int(vae_cfg["scale_factor_temporal"])  # AutoencoderKLWan states it (4)
     extra = {"requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(path_or_id, **dtype_kwargs(dtype), **{**absent, **skip}, **extra)
+    if temporal is not None:  # what WanPipeline.__init__ reads off the VAE it was not given here
+        pipe.vae_scale_factor_temporal = temporal
     return pipe, vae_scale_factor
 
 
@@ -85,12 +94,19 @@ class DiffusionPolicy:
 
     def __init__(self, pipeline, *, source: str, vae_scale_factor: int, device: torch.device, dtype: torch.dtype,
                  lora_rank: int, lora_alpha: float | None, lora_targets: tuple[str, ...], guidance_scale: float,
-                 max_sequence_length: int, resolution: int | None, true_cfg_scale: float = 1.0, seed: int = 0):
+                 max_sequence_length: int, resolution: int | None, true_cfg_scale: float = 1.0, seed: int = 0,
+                 num_frames: int | None = None):
         self.pipeline, self.source = pipeline, source
         self.device, self.dtype = device, dtype
-        self.family = family_for(type(pipeline).__name__)(
-            pipeline, vae_scale_factor=vae_scale_factor, guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
-            max_sequence_length=max_sequence_length)
+        family = family_for(type(pipeline).__name__)
+        video = {}
+        if getattr(family, "video", False):
+            video = {"num_frames": num_frames,
+                     "vae_scale_factor_temporal": getattr(pipeline, "vae_scale_factor_temporal", 4)}
+        elif num_frames is not None:
+            raise ValueError(f"num_frames={num_frames} is for video pipelines; {type(pipeline).__name__} makes images")
+        self.family = family(pipeline, vae_scale_factor=vae_scale_factor, guidance_scale=guidance_scale,
+                             true_cfg_scale=true_cfg_scale, max_sequence_length=max_sequence_length, **video)
         self.denoiser = getattr(pipeline, self.family.denoiser_name).to(device).eval()
         for name, comp in pipeline.components.items():
             if isinstance(comp, torch.nn.Module) and name != self.family.denoiser_name:
@@ -104,7 +120,8 @@ class DiffusionPolicy:
             self._trainable = [n for n, _ in self.denoiser.named_parameters()]
         self.vae_scale_factor = vae_scale_factor
         self.resolution = resolution or self.family.native_resolution()
-        self.latent_shape = self.family.latent_shape(self.resolution)  # (C, h, w); checks the resolution
+        self.latent_shape = self.family.latent_shape(self.resolution)  # (C, h, w) or video's (C, F, h, w); checks it
+        self.num_frames = getattr(self.family, "num_frames", None)    # video frames in pixels; None for images
         self.prompts = PromptCache(self.family.encode, device=device, dtype=dtype)
         self.negative_prompt = self.family.negative_prompt
         self._reference: torch.nn.Module | None = None
@@ -115,11 +132,12 @@ class DiffusionPolicy:
                         lora_rank: int = 0, lora_alpha: float | None = None,
                         lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
                         guidance_scale: float = 4.5, true_cfg_scale: float = 1.0, max_sequence_length: int = 256,
-                        resolution: int | None = None, seed: int = 0) -> "DiffusionPolicy":
+                        resolution: int | None = None, seed: int = 0,
+                        num_frames: int | None = None) -> "DiffusionPolicy":
         """Load a diffusers pipeline (hub id or local `save_pretrained` dir) as a policy.
 
         The family comes from the pipeline's class (model_index.json): StableDiffusion3Pipeline,
-        FluxPipeline, StableDiffusionPipeline (with a DDIMScheduler) or QwenImagePipeline. kind:
+        FluxPipeline, StableDiffusionPipeline (with a DDIMScheduler), QwenImagePipeline or WanPipeline. kind:
         "auto", or "flow" / "ddim" to insist on one. dtype: "float32" | "bfloat16" | "float16" (weights of the denoiser
         and text encoders; LoRA adapters stay float32). device: "cpu", "cuda[:i]" or "auto".
         lora_rank 0 = full fine-tune; lora_alpha None = rank. guidance_scale: CFG scale (FLUX.1-dev:
@@ -127,6 +145,8 @@ class DiffusionPolicy:
         negative prompt.
         max_sequence_length: T5 tokens per prompt (SD3 saved without T5 gets that many zero tokens).
         resolution: image side in pixels (None = the model's native size). seed: LoRA init.
+        num_frames: video pipelines (WanPipeline) only, frames per clip, 4k + 1 (None = 81, the
+        pipeline's default); an image pipeline refuses it.
         """
         if kind not in ("auto", "flow", "ddim"):
             raise ValueError(f"kind must be 'auto', 'flow' or 'ddim', got {kind!r}")
@@ -135,7 +155,7 @@ class DiffusionPolicy:
         return cls(pipe, source=str(path_or_id), vae_scale_factor=vsf, device=resolve_device(device),
                    dtype=torch_dtype, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
                    guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale,
-                   max_sequence_length=max_sequence_length, resolution=resolution, seed=seed)
+                   max_sequence_length=max_sequence_length, resolution=resolution, seed=seed, num_frames=num_frames)
 
     # ------------------------------------------------------------------ model calls
     def sigmas(self, num_steps: int) -> torch.Tensor:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from treegrpo_ray.config import (ConfigError, Config, decisions_per_iteration, groups_per_iteration,
                                  leaves_per_iteration)
 from treegrpo_ray.plan.facts import ModelFacts, model_facts, reward_facts
+from treegrpo_ray.rewards.video import VIDEO_REWARD_FRAMES
 
 GiB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -45,7 +46,10 @@ DECODE_CHUNK = 16               # rewards/decode.LatentDecoder's batch_size
 ACTIVATIONS = {"sd3": {"grad": 35.6, "ckpt": 2.5, "recompute": 33.6, "nograd": 12.2},
                "flux": {"grad": 27.6, "ckpt": 3.1, "recompute": 25.4, "nograd": 15.1},
                "sd15": {"grad": 105.8, "ckpt": 13.3, "recompute": 23.2, "nograd": 8.5},
-               "qwenimage": {"grad": 29.7, "ckpt": 3.1, "recompute": 26.5, "nograd": 14.9}}  # fitted 2026-12-07
+               "qwenimage": {"grad": 29.7, "ckpt": 3.1, "recompute": 26.5, "nograd": 14.9},  # fitted 2026-12-07
+               # Wan: tokens = latent frames x (h/2) x (w/2) (frames x tokens); fitted 2026-12-07 on the
+               # tiny Wan (ffn 6x width, Wan2.1's is 5.83x) at 128/256 px x 9 frames, 16/48 rows
+               "wan": {"grad": 38.8, "ckpt": 3.0, "recompute": 37.8, "nograd": 15.9}}
 # decode peak per image, in units of (H x W x vae_channels x 4 bytes); fitted on the real SD VAE structure
 VAE_DECODE = 5.9
 
@@ -100,13 +104,22 @@ def sync_lines(cfg: Config, m: ModelFacts) -> list[str]:
     return lines
 
 
+def latent_frames(cfg: Config, m: ModelFacts) -> int:
+    """Latent frames of one row: 1 for images; video (Wan) (num_frames - 1) / temporal + 1."""
+    if not m.vae_scale_factor_temporal:
+        return 1
+    from treegrpo_ray.models.families.wan import DEFAULT_NUM_FRAMES
+    return ((cfg.model.num_frames or DEFAULT_NUM_FRAMES) - 1) // m.vae_scale_factor_temporal + 1
+
+
 def row_tokens(cfg: Config, m: ModelFacts) -> tuple[int, int]:
-    """(image tokens, text tokens) of one denoiser row; for a UNet, (latent pixels, CLIP tokens)."""
+    """(image tokens, text tokens) of one denoiser row; for a UNet, (latent pixels, CLIP tokens);
+    for video, image tokens are latent frames x tokens per frame (frames x tokens)."""
     side = cfg.model.resolution // m.vae_scale_factor
-    image = (side // m.token_patch) ** 2
+    image = latent_frames(cfg, m) * (side // m.token_patch) ** 2
     if m.family == "sd3":
         text = m.clip_tokens + cfg.model.max_sequence_length
-    elif m.family in ("flux", "qwenimage"):
+    elif m.family in ("flux", "qwenimage", "wan"):
         text = cfg.model.max_sequence_length  # Qwen-Image: the upper bound (a batch runs its longest prompt)
     else:
         text = m.clip_tokens
@@ -123,7 +136,7 @@ def _cfg_rows(cfg: Config, m: ModelFacts) -> int:
 def activation_unit(cfg: Config, m: ModelFacts) -> int:
     """Bytes of one (tokens x width) tensor of one row, in model.dtype: the unit ACTIVATIONS counts in."""
     image, text = row_tokens(cfg, m)
-    tokens = image if m.family == "sd15" else image + text
+    tokens = image if m.family in ("sd15", "wan") else image + text  # Wan: text only as cross-attention K/V
     return tokens * m.width * DTYPE_BYTES[cfg.model.dtype]
 
 
@@ -182,14 +195,31 @@ def reward_pool(cfg: Config, m: ModelFacts) -> PoolPlan:
     scorers = [(t.name, reward_facts(t.name, t.model_name, t.checkpoint).params) for t in cfg.rewards.terms]
     from treegrpo_ray.builders import eval_metrics  # scored at evaluations only, but loaded with the actor
     scorers += [(f"{m} (eval only)", reward_facts(m).params) for m in eval_metrics(cfg)]
-    chunk = min(DECODE_CHUNK, cfg.pools.reward_chunk or DECODE_CHUNK)
     pool.items.append((f"VAE ({m.vae_params / 1e6:.0f} M params, float32)", m.vae_params * 4))
     pool.items += [(f"scorer {n} ({p / 1e6:.0f} M params, float32)", p * 4) for n, p in scorers]
+    pixels = cfg.model.resolution ** 2
+    if m.vae_scale_factor_temporal:  # video: one clip per decode call (rewards/decode.VideoLatentDecoder)
+        frames = (latent_frames(cfg, m) - 1) * m.vae_scale_factor_temporal + 1
+        pool.items.append((f"activations: decode 1 clip of {frames} frames at {cfg.model.resolution}px "
+                           f"(+ the clip, float32)", video_decode_bytes(cfg, m, frames)))
+        pool.work.append(f"{leaves_per_iteration(cfg)} clips decoded per iteration, {VIDEO_REWARD_FRAMES} frames "
+                         f"of each scored, over {cfg.pools.rewards} actors")
+        return pool
+    chunk = min(DECODE_CHUNK, cfg.pools.reward_chunk or DECODE_CHUNK)
     pool.items.append((f"activations: decode {chunk} images at {cfg.model.resolution}px",
-                       int(chunk * VAE_DECODE * cfg.model.resolution ** 2 * m.vae_channels * 4)))
+                       int(chunk * VAE_DECODE * pixels * m.vae_channels * 4)))
     pool.work.append(f"{leaves_per_iteration(cfg)} images decoded + scored per iteration over "
                      f"{cfg.pools.rewards} actors")
     return pool
+
+
+def video_decode_bytes(cfg: Config, m: ModelFacts, frames: int) -> int:
+    """Wan's VAE decodes a clip causally, one latent frame (-> `temporal` frames) at a time with a
+    cache of the previous frame's features: its peak is taken as VAE_DECODE per output frame of
+    one latent frame's worth (not calibrated on the Wan VAE: the SD VAE's constant), plus the
+    decoded clip itself (frames x 3 x H x W float32, kept whole for scoring)."""
+    pixels = cfg.model.resolution ** 2
+    return int(m.vae_scale_factor_temporal * VAE_DECODE * pixels * m.vae_channels * 4 + frames * 3 * pixels * 4)
 
 
 def learner_pool(cfg: Config, m: ModelFacts) -> PoolPlan:

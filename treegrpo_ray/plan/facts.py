@@ -21,6 +21,14 @@ nothing, and its parameters are counted. Sources:
       as quoted verbatim in kohya-ss/musubi-tuner src/musubi_tuner/qwen_image/qwen_image_model.py
       (create_model); the same values are diffusers' QwenImageTransformer2DModel defaults
       (pooled_projection_dim is in the published file; diffusers 0.42 ignores it, so it is left out)
+    - wan21_t2v_1p3b.json: huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json as
+      published (30 layers, 12 heads x 128 = 1536, ffn 8960, in/out 16, patch (1, 2, 2), text_dim
+      4096, freq_dim 256, RMS q/k norm across heads), written from the model card / config as known
+      to this project (no network here to re-fetch it); counted: 1,418,996,800 parameters
+      (Wan's "1.3B"). Its text encoder is UMT5-XXL's encoder (google/umt5-xxl: d_model 4096, d_ff
+      10240, 24 layers, 64 heads, vocabulary 256,384, gated-GELU: 5,680,910,336 on the meta
+      device) and its VAE AutoencoderKLWan at diffusers' defaults, which are Wan2.1's (base_dim 96,
+      z_dim 16, dim_mult [1, 2, 4, 4]: 126,892,531; 8x spatial, 4x temporal)
   and, for their text encoders and VAEs, a table of published parameter counts (TEXT_ENCODERS,
   VAES below). Those numbers were checked by building each published config on the meta device
   with transformers 5.25 / diffusers 0.42 (CLIP-L/14 text with projection 123,650,304, without
@@ -52,7 +60,8 @@ HUB_CONFIGS = Path(__file__).parent / "hub_configs"
 DENOISER_CLASSES = {"StableDiffusion3Pipeline": ("transformer", "SD3Transformer2DModel", "sd3"),
                     "FluxPipeline": ("transformer", "FluxTransformer2DModel", "flux"),
                     "StableDiffusionPipeline": ("unet", "UNet2DConditionModel", "sd15"),
-                    "QwenImagePipeline": ("transformer", "QwenImageTransformer2DModel", "qwenimage")}
+                    "QwenImagePipeline": ("transformer", "QwenImageTransformer2DModel", "qwenimage"),
+                    "WanPipeline": ("transformer", "WanTransformer3DModel", "wan")}
 CLIP_L_PROJ = ("CLIP-L/14 text", 123_650_304)      # CLIPTextModelWithProjection (SD3 text_encoder)
 CLIP_L = ("CLIP-L/14 text", 123_060_480)           # CLIPTextModel (FLUX, SD1.5)
 CLIP_BIGG = ("OpenCLIP bigG/14 text", 694_659_840)  # CLIPTextModelWithProjection (SD3 text_encoder_2)
@@ -61,6 +70,8 @@ VAE_16CH = 83_819_683                              # AutoencoderKL, 16 latent ch
 VAE_SD1 = 83_653_863                               # AutoencoderKL, 4 latent channels
 QWEN25_VL_7B = ("Qwen2.5-VL-7B", 8_292_166_656)    # Qwen2_5_VLForConditionalGeneration, vision tower + lm_head included
 VAE_QWEN = 126_892_531                             # AutoencoderKLQwenImage (base_dim 96, z_dim 16)
+UMT5_XXL = ("UMT5-XXL encoder", 5_680_910_336)     # UMT5EncoderModel (Wan2.1 text_encoder)
+VAE_WAN = 126_892_531                              # AutoencoderKLWan (Wan2.1), 16 latent channels
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,7 @@ class HubModel:
     denoiser_config: str                           # file in plan/hub_configs/
     text_encoders: tuple[tuple[str, int], ...]
     vae_params: int
-    vae_channels: int = 128                        # the VAE's full-resolution width (Qwen-Image: base_dim 96)
+    vae: tuple[int, int, int] = (128, 8, 0)        # (VAE width at full resolution, spatial factor, temporal factor)
 
 
 HUB_MODELS = {
@@ -78,7 +89,9 @@ HUB_MODELS = {
     "black-forest-labs/FLUX.1-dev": HubModel("FluxPipeline", "flux1_dev.json", (CLIP_L, T5_XXL), VAE_16CH),
     "stable-diffusion-v1-5/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
     "runwayml/stable-diffusion-v1-5": HubModel("StableDiffusionPipeline", "sd15.json", (CLIP_L,), VAE_SD1),
-    "Qwen/Qwen-Image": HubModel("QwenImagePipeline", "qwen_image.json", (QWEN25_VL_7B,), VAE_QWEN, vae_channels=96),
+    "Qwen/Qwen-Image": HubModel("QwenImagePipeline", "qwen_image.json", (QWEN25_VL_7B,), VAE_QWEN, (96, 8, 0)),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": HubModel("WanPipeline", "wan21_t2v_1p3b.json", (UMT5_XXL,), VAE_WAN,
+                                                 (96, 8, 4)),
 }
 HUB_VAE = {"vae_scale_factor": 8, "clip_tokens": 77}  # all of them: 8x downsampling; SD's CLIP: 77 tokens
 
@@ -121,6 +134,7 @@ class ModelFacts:
     token_patch: int                               # latent pixels per token side (SD3: patch 2; FLUX, Qwen: 2x2 packing)
     clip_tokens: int                               # CLIP tokenizer length (SD3's context = this + T5 tokens)
     guidance_distilled: bool                       # FLUX.1-dev: guidance embedding, no CFG batch
+    vae_scale_factor_temporal: int = 0             # video (Wan): frames per latent frame; 0 for image models
 
 
 def meta_count(module: torch.nn.Module) -> int:
@@ -215,12 +229,14 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         vae_params = (_local_component_params(root, "vae", "diffusers", vae_cfg.get("_class_name", "AutoencoderKL"))
                       if vae_cfg else 0)
         vae_channels, vae_factor = vae_geometry(vae_cfg) if vae_cfg else (0, 8)
+        temporal = int(vae_cfg.get("scale_factor_temporal", 0)) if vae_cfg and family == "wan" else 0
         tok = root / "tokenizer" / "tokenizer_config.json"
         clip_tokens = int(json.loads(tok.read_text()).get("model_max_length", 77)) if tok.is_file() else 77
     else:
         hub = HUB_MODELS[pretrained]
         encoders, vae_params = hub.text_encoders, hub.vae_params
-        vae_channels, vae_factor, clip_tokens = hub.vae_channels, HUB_VAE["vae_scale_factor"], HUB_VAE["clip_tokens"]
+        vae_channels, vae_factor, temporal = hub.vae
+        clip_tokens = HUB_VAE["clip_tokens"]
     if family == "sd3":
         width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
         dual, patch, latent = len(cfg.dual_attention_layers or ()), cfg.patch_size, cfg.in_channels
@@ -228,6 +244,9 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         width, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
         layers = cfg.num_layers + getattr(cfg, "num_single_layers", 0)  # Qwen-Image: all 60 blocks dual-stream
         dual, patch, latent = 0, 2, cfg.in_channels // 4     # 2x2 packing: in_channels = 4 x latent channels
+    elif family == "wan":  # tokens: latent frames x (h/2) x (w/2); the text only enters through cross-attention
+        width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
+        dual, patch, latent = 0, cfg.patch_size[1], cfg.in_channels
     else:
         # a UNet's activations: level i holds (pixels / 4^i) x block_out_channels[i] per layer, so
         # its "width" is sum_i channels_i / 4^i in units of the top level's pixels
@@ -240,7 +259,8 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         denoiser_params=meta_count(model), lora_params=lora_count(model, lora_rank, lora_targets) if lora_rank else 0,
         text_encoders=encoders, vae_params=vae_params, vae_channels=vae_channels, vae_scale_factor=vae_factor,
         latent_channels=latent, width=width, heads=heads, layers=layers, dual_layers=dual, token_patch=patch,
-        clip_tokens=clip_tokens, guidance_distilled=bool(getattr(cfg, "guidance_embeds", False)))
+        clip_tokens=clip_tokens, guidance_distilled=bool(getattr(cfg, "guidance_embeds", False)),
+        vae_scale_factor_temporal=temporal)
 
 
 def _safetensors_params(path: Path) -> int:

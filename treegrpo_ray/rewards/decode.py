@@ -1,4 +1,5 @@
-"""Leaf latents -> images with the pipeline's VAE, on the reward side.
+"""Leaf latents -> images with the pipeline's VAE, on the reward side; video latents -> clips with
+Wan's AutoencoderKLWan (`VideoLatentDecoder`, below; `load_decoder` picks one).
 
 The VAE class comes from its config's `_class_name` (one of `VAE_CLASSES`), and with it the
 convention that turns the sampler's (B, C, h, w) latents into the VAE's input:
@@ -16,11 +17,12 @@ VAE's device so GPU scorers need no copy.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")  # image VAEs; AutoencoderKLWan: VideoLatentDecoder
 
 
 class ScaledShift:
@@ -126,3 +128,59 @@ class LatentDecoder:
             x = self.convention.from_vae(self.vae.decode(z.to(dtype)).sample).float()     # (b, 3, H, W)
             out.append((x / 2 + 0.5).clamp(0.0, 1.0))
         return torch.cat(out)
+
+
+class VideoLatentDecoder:
+    """Holds a frozen AutoencoderKLWan and decodes (B, C, F, h, w) video latents into (B, T, 3, H, W)
+    clips in [0, 1], T = (F - 1) * temporal + 1 frames, `batch_size` clips per VAE call (a clip's
+    decode holds all its frames' activations: memory, not speed, sets the chunk).
+
+    As `WanPipeline.__call__` does: z = latents * latents_std + latents_mean per channel (the
+    pipeline divides by 1 / std), x = vae.decode(z) in (B, 3, T, H, W), then its VideoProcessor's
+    postprocess: x / 2 + 0.5 clamped to [0, 1], frames first. Float32 out, on the VAE's device."""
+
+    def __init__(self, vae: torch.nn.Module, *, batch_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.batch_size = batch_size
+        self.latent_channels = int(vae.config.z_dim)
+        self.mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        # the pipeline's own arithmetic (divide by 1 / std), so the decode matches it to rounding
+        self.inv_std = 1.0 / torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, h, w) latents -> (B, T, 3, H, W) float32 clips in [0, 1] on the VAE's device."""
+        if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must be (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}")
+        if latents.shape[0] == 0:
+            raise ValueError("empty batch: latents has B = 0")
+        dtype = next(self.vae.parameters()).dtype
+        mean, inv_std = self.mean.to(self.device), self.inv_std.to(self.device)
+        out = []
+        for chunk in latents.split(self.batch_size):
+            z = chunk.to(self.device, torch.float32) / inv_std + mean          # (b, C, F, h, w)
+            x = self.vae.decode(z.to(dtype), return_dict=False)[0].float()     # (b, 3, T, H, W)
+            out.append((x / 2 + 0.5).clamp(0.0, 1.0).permute(0, 2, 1, 3, 4))  # (b, T, 3, H, W)
+        return torch.cat(out)
+
+
+def load_decoder(pipeline_dir_or_id: str | Path, *, device="cpu", dtype: torch.dtype = torch.float32,
+                 batch_size: int = 16, video_batch_size: int = 1, local_files_only: bool = True):
+    """The decoder of a pipeline's VAE: `VideoLatentDecoder` for Wan's AutoencoderKLWan (its
+    `_class_name` in vae/config.json), else `LatentDecoder`. Nothing is downloaded unless asked."""
+    root = Path(pipeline_dir_or_id).expanduser()
+    config = root / "vae" / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKLWan":
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype,
+                                               local_files_only=local_files_only)
+        return VideoLatentDecoder(vae.to(device), batch_size=video_batch_size)
+    return LatentDecoder.from_pretrained(pipeline_dir_or_id, device=device, dtype=dtype, batch_size=batch_size,
+                                         local_files_only=local_files_only)

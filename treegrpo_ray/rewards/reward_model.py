@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from treegrpo_ray.rewards.aesthetic import AestheticScorer
-from treegrpo_ray.rewards.decode import LatentDecoder
+from treegrpo_ray.rewards.decode import LatentDecoder, load_decoder
 from treegrpo_ray.rewards.imagereward import ImageRewardScorer
 from treegrpo_ray.rewards.kinds import REWARD_KINDS, TAKES
 from treegrpo_ray.rewards.pickscore import PickScoreScorer
 from treegrpo_ray.rewards.scorers import (ClipScoreScorer, HPSv2Scorer, JpegCompressibility, JpegIncompressibility,
                                           MiniatureColourScorer, MiniatureScorer, Scorer,
                                           check_batch)
+from treegrpo_ray.rewards.video import TEMPORAL_CONSISTENCY, frames_for_scoring, per_clip, temporal_consistency
 
 # kind -> (scorer class, spec field -> constructor argument, takes device, takes dtype)
 _KINDS = {
@@ -98,14 +99,28 @@ class RewardModel:
         """-> (scores, seconds per part: "decode" and each scorer)."""
         if self.decoder is None:
             raise ValueError("this RewardModel has no decoder: build it with a pipeline path to score latents")
-        if latents.dim() != 4 or len(prompts) != latents.shape[0]:
+        if latents.dim() not in (4, 5) or len(prompts) != latents.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for latents of shape {tuple(latents.shape)}: "
-                             f"expected (B, C, h, w) with B = len(prompts)")
+                             f"expected (B, C, h, w) or video's (B, C, F, h, w) with B = len(prompts)")
         t0 = time.perf_counter()
-        images = self.decoder.decode(latents)                              # (B, 3, H, W)
+        images = self.decoder.decode(latents)                              # (B, 3, H, W) or clips (B, T, 3, H, W)
         decode_s = time.perf_counter() - t0
-        scores, seconds = self.score_images_timed(images, prompts, evaluation)
+        if latents.dim() == 5:
+            scores, seconds = self.score_clips_timed(images, prompts, evaluation)
+        else:
+            scores, seconds = self.score_images_timed(images, prompts, evaluation)
         return scores, {"decode": decode_s, **seconds}
+
+    def score_clips_timed(self, clips: torch.Tensor, prompts: list[str],
+                          evaluation: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """clips (B, T, 3, H, W) in [0, 1]: each scorer's image reward on sampled frames, averaged
+        per clip (`rewards/video.py`); evaluation adds `temporal_consistency` (B,), not trained on."""
+        frames, frame_prompts, n = frames_for_scoring(clips, prompts)   # (B*n, 3, H, W)
+        scores, seconds = self.score_images_timed(frames, frame_prompts, evaluation)
+        scores = {name: per_clip(s, n) for name, s in scores.items()}   # (B,)
+        if evaluation:
+            scores[TEMPORAL_CONSISTENCY] = temporal_consistency(clips)
+        return scores, seconds
 
     def score_images(self, images: torch.Tensor, prompts: list[str], evaluation: bool = False) -> dict[str, torch.Tensor]:
         return self.score_images_timed(images, prompts, evaluation)[0]
@@ -157,6 +172,5 @@ def build_reward_model(specs, pipeline_path: str | Path | None, device="cpu", *,
         scorers[scorer.name], weights[scorer.name] = scorer, weight
     decoder = None
     if pipeline_path is not None:
-        decoder = LatentDecoder.from_pretrained(pipeline_path, device=device, dtype=dtype,
-                                                batch_size=decode_batch_size)
+        decoder = load_decoder(pipeline_path, device=device, dtype=dtype, batch_size=decode_batch_size)
     return RewardModel(decoder, scorers, weights, eval_only)

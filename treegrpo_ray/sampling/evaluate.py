@@ -7,10 +7,9 @@ import torch
 
 @torch.no_grad()
 def ode_sample(policy, prompts: list[str], *, num_steps: int, seed: int, max_batch: int = 64) -> torch.Tensor:
-    """Final latents (B, C, H, W) for `prompts`, one trajectory each, noise from `seed`."""
+    """Final latents (B, C, H, W) (video: (B, C, F, H, W)) for `prompts`, one trajectory each, noise from `seed`."""
     gen = torch.Generator().manual_seed(seed)
-    c, h, w = policy.latent_shape
-    x = torch.randn((len(prompts), c, h, w), generator=gen)  # (B, C, H, W)
+    x = torch.randn((len(prompts), *policy.latent_shape), generator=gen)  # (B, C, H, W)
     sigmas = policy.sigmas(num_steps)
     device = getattr(policy, "device", None) or next(iter(policy.trainable_parameters())).device
     outs = []

@@ -1,5 +1,5 @@
-"""Model families: one class per pipeline family (SD3/SD3.5, FLUX.1, SD1.5, Qwen-Image), chosen once from the
-pipeline's class in `model_index.json`. See `base.Family` for the contract."""
+"""Model families: one class per pipeline family (SD3/SD3.5, FLUX.1, SD1.5, Qwen-Image, Wan2.1 T2V),
+chosen once from the pipeline's class in `model_index.json`. See `base.Family` for the contract."""
 from __future__ import annotations
 
 from treegrpo_ray.models.families.base import Family
@@ -7,8 +7,9 @@ from treegrpo_ray.models.families.flux import FluxFamily
 from treegrpo_ray.models.families.qwenimage import QwenImageFamily
 from treegrpo_ray.models.families.sd3 import SD3Family
 from treegrpo_ray.models.families.sd15 import SD15Family
+from treegrpo_ray.models.families.wan import WanFamily
 
-FAMILIES = (SD3Family, FluxFamily, SD15Family, QwenImageFamily)
+FAMILIES = (SD3Family, FluxFamily, SD15Family, QwenImageFamily, WanFamily)
 SUPPORTED_PIPELINES = tuple(name for f in FAMILIES for name in f.pipeline_classes)
 
 
@@ -21,4 +22,4 @@ def family_for(pipeline_class: str) -> type:
 
 
 __all__ = ["FAMILIES", "SUPPORTED_PIPELINES", "Family", "family_for", "FluxFamily", "QwenImageFamily", "SD15Family",
-           "SD3Family"]
+           "SD3Family", "WanFamily"]

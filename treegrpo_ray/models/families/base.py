@@ -1,7 +1,7 @@
 """What a model family must provide to the policy: the contract every family class implements.
 
-A family is everything about a diffusers pipeline that differs between SD3/SD3.5, FLUX.1 and
-SD1.5: which module is the denoiser, the latent shape, the per-step schedule, how a prompt is
+A family is everything about a diffusers pipeline that differs between SD3/SD3.5, FLUX.1,
+SD1.5 and Wan2.1 (video): which module is the denoiser, the latent shape, the per-step schedule, how a prompt is
 encoded, how the denoiser is called, and the sampling step (flow SDE/ODE or DDIM) with its
 log-prob. The policy (`models/policy.py`) holds one family object, chosen once from the
 pipeline's class in `model_index.json`, and nothing above it asks which family it runs.
@@ -30,10 +30,11 @@ class Family(Protocol):
     cfg_scale: float                   # classifier-free guidance scale of the [uncond; cond] batch (<= 1: none)
     negative_prompt: str               # the uncond rows' prompt ("" for all but Qwen-Image's " ")
 
-    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        """(C, h, w) of the sampler's latents for square images of `resolution` pixels."""
+    def latent_shape(self, resolution: int) -> tuple[int, ...]:
+        """(C, h, w) of the sampler's latents for square images of `resolution` pixels; a video
+        family (class attribute `video = True`, built with `num_frames`) gives (C, F, h, w)."""
 
-    def schedule(self, num_steps: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+    def schedule(self, num_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """(T+1,) float32 CPU schedule (see the module docstring)."""
 
     def encode(self, prompt: str) -> tuple[torch.Tensor, ...]:
@@ -41,7 +42,7 @@ class Family(Protocol):
 
     def forward(self, net: torch.nn.Module, x: torch.Tensor, s: torch.Tensor,
                 cond: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Raw denoiser output (B, C, h, w) float32 for latents x (B, C, h, w) at schedule values s (B,)."""
+        """Raw denoiser output (B, *latent_shape) float32 for latents x (B, *latent_shape) at schedule values s (B,)."""
 
     def guide(self, uncond: torch.Tensor, cond: torch.Tensor, g: float) -> torch.Tensor:
         """The guided prediction (B, C, h, w) from the uncond and cond halves, as the pipeline combines them."""
