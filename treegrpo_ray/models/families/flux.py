@@ -31,6 +31,16 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
+def packed_latent_shape(in_channels: int, vae_scale_factor: int, resolution: int, who: str) -> tuple[int, int, int]:
+    """(C, h, w) of square latents a 2x2-packing transformer (FLUX, Qwen-Image) takes, in_channels = 4C."""
+    multiple = vae_scale_factor * 2
+    if resolution % multiple:
+        raise ValueError(f"resolution {resolution} must be a multiple of vae_scale_factor * 2 = {multiple} "
+                         f"({who} packs 2x2 latent patches)")
+    side = resolution // vae_scale_factor
+    return (in_channels // 4, side, side)
+
+
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     """(h/2 * w/2, 3) position ids: (0, row, column) of each packed patch."""
     ids = torch.zeros(h // 2, w // 2, 3)
@@ -53,12 +63,7 @@ class FluxFamily(FlowSteps):
         self.num_train_timesteps = int(pipeline.scheduler.config.num_train_timesteps)
 
     def latent_shape(self, resolution):
-        multiple = self.vae_scale_factor * 2  # 2x2 packing
-        if resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of vae_scale_factor * 2 = {multiple} "
-                             "(FLUX packs 2x2 latent patches)")
-        side = resolution // self.vae_scale_factor
-        return (self.config.in_channels // 4, side, side)
+        return packed_latent_shape(self.config.in_channels, self.vae_scale_factor, resolution, "FLUX")
 
     def native_resolution(self) -> int:
         return 128 * self.vae_scale_factor  # FluxPipeline: default_sample_size 128 * vae_scale_factor

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from treegrpo_ray.models.families.base import FlowSteps, dynamic_shift_mu, flow_sigmas
-from treegrpo_ray.models.families.flux import pack, unpack
+from treegrpo_ray.models.families.flux import pack, packed_latent_shape, unpack
 
 
 def norm_rescaled_cfg(uncond: torch.Tensor, cond: torch.Tensor, g: float) -> torch.Tensor:
@@ -68,12 +68,7 @@ class QwenImageFamily(FlowSteps):
         self.num_train_timesteps = int(pipeline.scheduler.config.num_train_timesteps)
 
     def latent_shape(self, resolution):
-        multiple = self.vae_scale_factor * 2  # 2x2 packing
-        if resolution % multiple:
-            raise ValueError(f"resolution {resolution} must be a multiple of vae_scale_factor * 2 = {multiple} "
-                             "(Qwen-Image packs 2x2 latent patches)")
-        side = resolution // self.vae_scale_factor
-        return (self.config.in_channels // 4, side, side)
+        return packed_latent_shape(self.config.in_channels, self.vae_scale_factor, resolution, "Qwen-Image")
 
     def native_resolution(self) -> int:
         return 128 * self.vae_scale_factor  # QwenImagePipeline: default_sample_size 128 * vae_scale_factor
