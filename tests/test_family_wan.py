@@ -8,6 +8,7 @@ Sizes: 32x32 pixels x 9 frames -> latents (4, 3, 4, 4); 8 UMT5 tokens."""
 import pytest
 import torch
 
+from tests.test_families import start_of_update_ratio_error
 from treegrpo_ray import driver
 from treegrpo_ray.algo.tree import count_nfe
 from treegrpo_ray.config import ConfigError, load_config
@@ -188,16 +189,6 @@ def test_bfloat16_sampling_and_rescoring_stay_within_the_ratio_bound(wan):
     # bf16 weights and denoiser, float32 clip latents / step math / log-probs; the learner's
     # micro-batches of 5 decisions, not the sampler's tree levels (as test_families does for images)
     policy = load(wan, dtype="bfloat16", lora_rank=4, guidance_scale=5.0)
-    batch = TreeSampler(policy, num_steps=6, k=2, depth=2, noise_level=0.7).sample(PROMPTS, window_start=0, seed=1)
-    assert batch.children.dtype == torch.float32 and batch.old_log_probs.dtype == torch.float32
-    s, s_next = batch.sigmas[batch.step_index], batch.sigmas[batch.step_index + 1]
-    prompts = [batch.prompts[i] for i in batch.decision_prompt.tolist()]
-    ratios = []
-    for rows in torch.arange(batch.num_decisions).split(5):
-        with torch.no_grad():
-            out = policy.predict(batch.latents[rows], s[rows], [prompts[i] for i in rows.tolist()])
-        new = policy.sde_step(batch.latents[rows], out, s[rows], s_next[rows], 0.7, prev_sample=batch.children[rows])
-        ratios.append((new.log_prob - batch.old_log_probs[rows]).exp())
-    err = (torch.cat(ratios) - 1).abs().max().item()
+    err = start_of_update_ratio_error(policy, 0.7)  # the same PROMPTS as test_families
     print(f"wan bf16 start-of-update |ratio - 1| max = {err:.2e}")
     assert err <= 1e-3

@@ -196,6 +196,29 @@ def pipeline_dir(pretrained: str) -> Path | None:
     return p if (p / "model_index.json").is_file() else None
 
 
+def denoiser_shape(family: str, cfg) -> tuple[int, int, int, int, int, int]:
+    """(width, heads, layers, dual_layers, token_patch, latent_channels) of a denoiser config, as
+    ModelFacts describes them."""
+    if family == "sd3":
+        width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
+        dual, patch, latent = len(cfg.dual_attention_layers or ()), cfg.patch_size, cfg.in_channels
+    elif family in ("flux", "qwenimage"):
+        width, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
+        layers = cfg.num_layers + getattr(cfg, "num_single_layers", 0)  # Qwen-Image: all 60 blocks dual-stream
+        dual, patch, latent = 0, 2, cfg.in_channels // 4     # 2x2 packing: in_channels = 4 x latent channels
+    elif family == "wan":  # tokens: latent frames x (h/2) x (w/2); the text only enters through cross-attention
+        width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
+        dual, patch, latent = 0, cfg.patch_size[1], cfg.in_channels
+    else:
+        # a UNet's activations: level i holds (pixels / 4^i) x block_out_channels[i] per layer, so
+        # its "width" is sum_i channels_i / 4^i in units of the top level's pixels
+        width = round(sum(c / 4 ** i for i, c in enumerate(cfg.block_out_channels)))
+        layers, dual, patch, latent = cfg.layers_per_block, 0, 1, cfg.in_channels
+        head_dim = cfg.attention_head_dim  # SD1.x configs name the head count attention_head_dim
+        heads = cfg.num_attention_heads or (head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim)
+    return width, heads, layers, dual, patch, latent
+
+
 def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...]) -> ModelFacts:
     """Counts and shapes for `model.pretrained` (see the module docstring for the sources)."""
     root = pipeline_dir(pretrained)
@@ -237,23 +260,7 @@ def model_facts(pretrained: str, *, lora_rank: int, lora_targets: tuple[str, ...
         encoders, vae_params = hub.text_encoders, hub.vae_params
         vae_channels, vae_factor, temporal = hub.vae
         clip_tokens = HUB_VAE["clip_tokens"]
-    if family == "sd3":
-        width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
-        dual, patch, latent = len(cfg.dual_attention_layers or ()), cfg.patch_size, cfg.in_channels
-    elif family in ("flux", "qwenimage"):
-        width, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads
-        layers = cfg.num_layers + getattr(cfg, "num_single_layers", 0)  # Qwen-Image: all 60 blocks dual-stream
-        dual, patch, latent = 0, 2, cfg.in_channels // 4     # 2x2 packing: in_channels = 4 x latent channels
-    elif family == "wan":  # tokens: latent frames x (h/2) x (w/2); the text only enters through cross-attention
-        width, layers, heads = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_layers, cfg.num_attention_heads
-        dual, patch, latent = 0, cfg.patch_size[1], cfg.in_channels
-    else:
-        # a UNet's activations: level i holds (pixels / 4^i) x block_out_channels[i] per layer, so
-        # its "width" is sum_i channels_i / 4^i in units of the top level's pixels
-        width = round(sum(c / 4 ** i for i, c in enumerate(cfg.block_out_channels)))
-        layers, dual, patch, latent = cfg.layers_per_block, 0, 1, cfg.in_channels
-        head_dim = cfg.attention_head_dim  # SD1.x configs name the head count attention_head_dim
-        heads = cfg.num_attention_heads or (head_dim[0] if isinstance(head_dim, (list, tuple)) else head_dim)
+    width, heads, layers, dual, patch, latent = denoiser_shape(family, cfg)
     return ModelFacts(
         pretrained=pretrained, source=source, family=family, denoiser_class=cls_name,
         denoiser_params=meta_count(model), lora_params=lora_count(model, lora_rank, lora_targets) if lora_rank else 0,
