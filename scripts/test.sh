@@ -12,6 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
+# bytecode for the package, once: where PYTHONDONTWRITEBYTECODE is set (this project's machines set
+# it) every Ray worker, CLI subprocess and actor restart would compile it from source again
+python -m compileall -q treegrpo_ray tools bench deploy > /dev/null
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 if [[ "${1:-}" == "integration" ]]; then
     shift

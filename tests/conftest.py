@@ -7,11 +7,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 
 
-# Each tier's modules, longest first (measured 2026-12-07, scripts/suite_report.sh; the first three
-# are the integration tier's): scripts/test.sh runs pytest-xdist with --dist loadfile
-# --no-loadscope-reorder, which hands modules to the workers in collection order as each runs dry (its own reorder sorts them by
-# test count, which queued a long module last). Longest first is the classic makespan heuristic.
-LONGEST_FIRST = ("test_cluster.py", "test_learning.py", "test_deploy_emulation.py",  # integration tier's longest
+# Each tier's modules, longest first (measured 2026-12-07, scripts/suite_report.sh): scripts/test.sh
+# runs pytest-xdist with --dist loadfile --no-loadscope-reorder, which hands modules to the workers in
+# this order (its own reorder sorts them by test count, which queued a long module last). Longest
+# first is the classic makespan heuristic, with one twist for the integration tier: xdist gives a
+# worker its next module as soon as it has <= 2 tests pending, so the worker that starts the
+# one-test learning module (~24 min) claims the module after it at once and runs it only when the
+# learning test is done. That module is the short family CLI one (~1 min); before, it was the
+# `ray job submit` module (~6 min), which then ran last on its own.
+LONGEST_FIRST = ("test_cluster.py", "test_learning.py", "test_family_cli.py",  # integration tier's first three
+                 "test_deploy_emulation.py",
                  "test_system.py", "test_outputs.py", "test_evaluate.py", "test_gpu_check.py", "test_plan.py",
                  "test_preemption.py", "test_faults.py", "test_security.py", "test_cli.py", "test_tracking.py",
                  "test_fsdp.py", "test_miniature_assets.py", "test_ddp_accumulation.py", "test_families.py",
@@ -34,6 +39,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_STARTED: dict[str, float] = {}
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _STARTED[nodeid] = __import__("time").time()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """With TREEGRPO_TEST_TIMELINE=FILE (scripts/suite_report.sh sets it), each test's start, end and
+    xdist worker go to FILE: which tests ran beside which, for the report's timeline."""
+    path = os.environ.get("TREEGRPO_TEST_TIMELINE")
+    if path and nodeid in _STARTED:
+        import time
+        with open(path, "a") as f:
+            f.write(f"{_STARTED.pop(nodeid):.1f}\t{time.time():.1f}\t{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+                    f"\t{nodeid}\n")
 
 
 @pytest.fixture(scope="session")
