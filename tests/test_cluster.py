@@ -8,7 +8,7 @@ it through ray_address, as a user's driver on the head would.
   finishes with every iteration logged once, no tree dropped, and exactly the weights and metrics of
   the same run in one process (which the single-node Ray run equals bit for bit:
   tests/test_system.py, tests/test_faults.py). One run checks both: without the losses it would
-  train the same bits, so a separate loss-free run (~2 min here) checked nothing more.
+  train the same bits, so a separate loss-free run (80 s under the tier's load) checked nothing more.
 - Two shipped GPU configs through the CLI with only what a CPU cannot do swapped: its pools, slots,
   learner workers, minibatches, micro_batch, LoRA, bf16 and sampler_calls as written.
 
