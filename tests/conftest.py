@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Nothing here downloads: HF_HUB_OFFLINE is forced on before any
 huggingface_hub import (it reads the variable once, at import time)."""
 import os
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -45,7 +46,7 @@ _STARTED: dict[str, float] = {}
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _STARTED[nodeid] = __import__("time").time()
+    _STARTED[nodeid] = time.time()
 
 
 def pytest_runtest_logfinish(nodeid, location):
@@ -53,7 +54,6 @@ def pytest_runtest_logfinish(nodeid, location):
     xdist worker go to FILE: which tests ran beside which, for the report's timeline."""
     path = os.environ.get("TREEGRPO_TEST_TIMELINE")
     if path and nodeid in _STARTED:
-        import time
         with open(path, "a") as f:
             f.write(f"{_STARTED.pop(nodeid):.1f}\t{time.time():.1f}\t{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
                     f"\t{nodeid}\n")
