@@ -11,13 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_runs_on_cpu_and_reports_its_figures(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "cpu", "--no-ray",
-                          "--prompts", "2", "--out", "check.json"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          "--prompts", "1", "--out", "check.json"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "check.json").read_text())
     tp = result["throughput"]
-    assert tp["ours_rows"] == 2 * (13 + 27 * 7)      # 2 trees, window at step 0: 13 decisions + 27 leaves x 7 ODE steps
-    assert tp["bare_rows"] == 54 * 7                  # the pipeline's loop: 2 x 27 rows, round(404 / 54) = 7 steps
+    # one tree (bf16 on a CPU is slow: 2 trees took ~140 s of the default tier); the row accounting is per tree
+    assert tp["ours_rows"] == 13 + 27 * 7             # window at step 0: 13 decisions + 27 leaves x 7 ODE steps
+    assert tp["bare_rows"] == 27 * 7                  # the pipeline's loop: 27 rows, round(202 / 27) = 7 steps
     assert tp["ours_rows_per_s"] > 0 and tp["bare_rows_per_s"] > 0
     assert result["rescoring_max_abs_ratio_minus_1"] <= 1e-3
     assert "throughput:" in out.stdout and "rescoring:" in out.stdout

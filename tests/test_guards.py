@@ -156,13 +156,14 @@ def nothing_may_start(monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("prompts=configs/prompts/no_such_file.txt", "prompt file .* does not exist"),
     ("model.pretrained=/nonexistent/pipeline", "local directory '/nonexistent/pipeline' does not exist"),
+    ("model.pretrained={tmp_path}", "has no model_index.json, so it is not a diffusers pipeline directory"),
     ("checkpoint.resume=/nonexistent/checkpoints/iter_000010", "is not a checkpoint directory"),
     ("rewards.terms.0.name=hpsv2 rewards.terms.0.checkpoint=/nonexistent/hps.pt",
      r"rewards.terms.0.checkpoint: '/nonexistent/hps.pt' does not"),
 ])
 def test_missing_files_fail_before_any_actor_starts(tiny_sd3_dir, tmp_path, nothing_may_start, override, message):
     with pytest.raises(ConfigError, match=message):
-        driver.run(smoke_cfg(tiny_sd3_dir, tmp_path, *override.split()))
+        driver.run(smoke_cfg(tiny_sd3_dir, tmp_path, *override.format(tmp_path=tmp_path).split()))
     assert not (tmp_path / "mlflow.db").exists()  # not even an MLflow run was opened
 
 

@@ -4,7 +4,8 @@ a fresh working directory (not the repo), with the default relative `tracking.ou
 Default tier: mode=local and mode=ray (a local Ray instance the CLI starts itself, whose workers
 run in Ray's temporary folders: the case that once put the model there). Integration tier
 (`-m integration`, run by .ci/run after the default tier): an `s3://` output_dir on a real
-S3-compatible server (moto's) on loopback, with a SIGKILL mid-run and a resume, in both modes.
+S3-compatible server (moto's) on loopback, killed mid-run and resumed to the uninterrupted run's
+weights: SIGKILL in mode=local, SIGTERM (a preempted pod) in mode=ray.
 `ray job submit` is in test_deploy_emulation.py, beside the head it needs.
 
 After every run: checkpoints, export and config.json under `<output_dir>/<run>/`, the MLflow db
@@ -30,6 +31,8 @@ import torch
 
 from treegrpo_ray import storage
 from treegrpo_ray.checkpoint import list_checkpoints, load_checkpoint
+from treegrpo_ray.config import load_config
+from tests.runs import run_on_one_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,8 +218,15 @@ def make_bucket(endpoint: str, name: str) -> str:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("mode", ["local", pytest.param("ray", marks=pytest.mark.ray)])
-def test_s3_output_dir_survives_a_sigkill_and_resumes(tiny_sd3_dir, tmp_path, s3_server, mode, monkeypatch):
+@pytest.mark.parametrize("mode,sig", [("local", signal.SIGKILL),
+                                      pytest.param("ray", signal.SIGTERM, marks=pytest.mark.ray)])
+def test_s3_output_dir_survives_a_kill_and_resumes_to_the_uninterrupted_weights(tiny_sd3_dir, tmp_path, s3_server,
+                                                                                 mode, sig, monkeypatch):
+    """mode=local: SIGKILL to the job's process group mid-run (checkpoint 3 may be mid-upload).
+    mode=ray: SIGTERM to the driver alone, as Kubernetes preempts a pod (it was test_preemption's
+    Ray case, on local disk): the driver abandons the iteration in flight, checkpoints the last
+    completed update to the bucket and exits 143. Either way `checkpoint.resume=latest` continues
+    the same MLflow run to the weights of an uninterrupted in-process run, bit for bit."""
     for k, v in S3_ENV.items():
         monkeypatch.setenv(k, v)
     root = make_bucket(s3_server, f"runs-{mode}")
@@ -227,20 +237,42 @@ def test_s3_output_dir_survives_a_sigkill_and_resumes(tiny_sd3_dir, tmp_path, s3
                     f"tracking.mlflow_uri={db}", "iterations=4", "checkpoint.keep=2", "tracking.progress=true")
     job = subprocess.Popen([sys.executable, "-m", "treegrpo_ray.run", *args], cwd=proj, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
+    lines, at = [], (3 if sig == signal.SIGKILL else 2)
     try:
         for line in job.stdout:
             lines.append(line)
-            if re.match(r"iter\s+3/4 ", line):       # checkpoint 2 is complete; 3 may be mid-upload
-                os.killpg(job.pid, signal.SIGKILL)      # the driver and the Ray it started
-                break
+            if re.match(rf"iter\s+{at}/4 ", line):
+                if sig == signal.SIGKILL:
+                    os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray it started; checkpoint 2 is complete
+                    break
+                job.send_signal(signal.SIGTERM)         # the driver alone, and read on to its exit
+        job.wait(timeout=600)
     finally:
         job.kill()
         job.wait(timeout=60)
-    assert job.returncode == -signal.SIGKILL, "".join(lines)[-3000:]
+        try:
+            os.killpg(job.pid, signal.SIGKILL)          # whatever of its Ray outlived it (nothing, normally)
+        except ProcessLookupError:
+            pass
+    log = "".join(lines)
     checkpoints = storage.join(root, "r", "checkpoints")
     before = [storage.name(c) for c in list_checkpoints(checkpoints)]
-    assert before[-1] in ("iter_000002", "iter_000003"), before
+    if sig == signal.SIGKILL:
+        assert job.returncode == -signal.SIGKILL, log[-3000:]
+        assert before[-1] in ("iter_000002", "iter_000003"), before
+    else:
+        assert job.returncode == 143, log[-4000:]
+        assert "SIGTERM received" in log and "*** SIGTERM received" not in log  # ours, not Ray's abort
+        # checkpoint.every=1: the iteration it stops after has its checkpoint already, or gets it now
+        stopped = re.search(r"stopped after iteration (\d) of 4, (its )?checkpoint (was already )?written", log)
+        assert stopped, log[-3000:]
+        done = int(stopped.group(1))
+        assert done in (2, 3)  # iteration 3 abandoned (its sampling was in flight) or finished
+        assert before == [f"iter_{i:06d}" for i in (done - 1, done)], before
+        client = mlflow.MlflowClient(db)
+        (r,) = client.search_runs([client.get_experiment_by_name("treegrpo").experiment_id])
+        assert r.info.status == "KILLED"
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "reward/combined")) == list(range(1, done + 1))
 
     resumed = run_cli(proj, args[:-1] + ["checkpoint.resume=latest"], env)
     assert f"resuming at iteration {int(before[-1][5:])}" in resumed.stdout
@@ -250,7 +282,7 @@ def test_s3_output_dir_survives_a_sigkill_and_resumes(tiny_sd3_dir, tmp_path, s3
     lags = [m.value for m in client.get_metric_history(run_id, "staleness/max_lag")]
     assert lags == [0.0] * 4      # the resumed samplers grew their first trees with the restored version
     assert [storage.name(c) for c in list_checkpoints(checkpoints)] == ["iter_000003", "iter_000004"]  # pruned
-    _, _, state = load_checkpoint(list_checkpoints(checkpoints)[-1])
+    got, _, state = load_checkpoint(list_checkpoints(checkpoints)[-1])
     assert state["next_iteration"] == 4 and state["mlflow_run_id"] == run_id
     export = storage.join(root, "r", "export")
     assert f"trained model: {export}" in resumed.stdout
@@ -263,3 +295,11 @@ def test_s3_output_dir_survives_a_sigkill_and_resumes(tiny_sd3_dir, tmp_path, s3
     curve = storage.read_bytes(storage.join(root, "r", "reward_curve.png"))
     assert Image.open(io.BytesIO(curve)).size == (1000, 380)
     assert f"figures: {storage.join(root, 'r', 'reward_curve.png')}" in resumed.stdout
+    # the same run uninterrupted, in this process (== mode=ray for the same seed: test_system.py)
+    monkeypatch.chdir(proj)
+    ref = tmp_path / "ref"
+    run_on_one_thread(load_config("smoke.yaml", [a for a in args[2:] if not a.startswith(("mode=", "tracking.output_dir=", "tracking.mlflow_uri=",
+                                                                                   "tracking.progress="))]
+                                  + ["mode=local", f"tracking.output_dir={ref}", "tracking.progress=false"]))
+    want = load_checkpoint(list_checkpoints(ref / "r" / "checkpoints")[-1])[0]
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) == 0.0

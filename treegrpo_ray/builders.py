@@ -173,6 +173,10 @@ def preflight(cfg: Config) -> None:
         raise ConfigError(f"model.pretrained: local directory {path!r} does not exist; point it at a diffusers "
                           "pipeline directory (with model_index.json) or a hub id")
     index = Path(path).expanduser() / "model_index.json"
+    if Path(path).expanduser().is_dir() and not index.is_file():
+        raise ConfigError(f"model.pretrained: {path!r} has no model_index.json, so it is not a diffusers pipeline "
+                          "directory (what `save_pretrained` writes: model_index.json beside transformer/, vae/, ...); "
+                          "point it at that directory")
     if index.is_file():
         check_family(cfg, json.loads(index.read_text()).get("_class_name"))
     from treegrpo_ray.rewards.files import locate

@@ -1,5 +1,5 @@
 """The learner as the driver sees it: a Ray Train `TorchTrainer` running `train_loop.learner_loop`
-on W workers for the whole run, one inbox queue per rank and one outbox, the typed commands of
+on W workers for the whole run, a mailbox (an inbox per rank and one outbox), the typed commands of
 `learner_protocol`, and replay of the pending command when Ray Train restarts the group."""
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import threading
 import time
 from dataclasses import replace
 
-from ray.util.queue import Empty, Queue
-
 from treegrpo_ray import storage
+from treegrpo_ray.actors.mailbox import Mailbox
 from treegrpo_ray.actors.learner_protocol import REPLY, Envelope, Export, Failed, Ready, Save, Stop, Update, Updated
 from treegrpo_ray.actors.pools import on_driver_node
 from treegrpo_ray.actors.train_loop import learner_loop
@@ -25,10 +24,9 @@ class LearnerGroup:
         from ray.train.torch import TorchTrainer
         lr = cfg.learner
         self.cfg = cfg
-        # the queues live on the driver's node (its loss is the run's anyway): a lost learner node
+        # the mailbox lives on the driver's node (its loss is the run's anyway): a lost learner node
         # takes only the workers, which Ray Train restores
-        self.inboxes = [Queue(actor_options={"num_cpus": 0, **on_driver_node()}) for _ in range(lr.workers)]
-        self.outbox = Queue(actor_options={"num_cpus": 0, **on_driver_node()})
+        self.mail = Mailbox(lr.workers, on_driver_node())
         self.seq, self.version, self.pending = 0, 0, None
         self.since_checkpoint: list[tuple[int, Update]] = []  # replayed by a restored group
         self.checkpoint = str(resume_from) if resume_from else None  # newest checkpoint of this run
@@ -42,7 +40,7 @@ class LearnerGroup:
         probe = storage.write_probe(cfg.tracking.output_dir) if storage.is_local(cfg.tracking.output_dir) else None
         self.trainer = TorchTrainer(
             learner_loop,
-            train_loop_config={"cfg": cfg_dict, "inboxes": self.inboxes, "outbox": self.outbox, "store": store,
+            train_loop_config={"cfg": cfg_dict, "mail": self.mail, "store": store,
                                "resume_from": self.checkpoint, "probe": probe},
             scaling_config=ScalingConfig(num_workers=lr.workers, use_gpu=lr.resources.num_gpus > 0,
                                          resources_per_worker=res),
@@ -86,8 +84,7 @@ class LearnerGroup:
         return self._wait(REPLY[type(command)], self._send(command))
 
     def close(self) -> None:
-        for q in self.inboxes:
-            q.put(Stop())
+        self.mail.to_ranks(Stop())
         self.fit_thread.join(timeout=60)
 
     # -- transport -----------------------------------------------------------------------------------
@@ -101,8 +98,7 @@ class LearnerGroup:
         """Each command names the version and checkpoint a restarted learner must be at to run it."""
         self.seq += 1
         self.pending = Envelope(self.seq, self.version, self.checkpoint, command)
-        for q in self.inboxes:
-            q.put(self.pending)
+        self.mail.to_ranks(self.pending)
         return self.seq
 
     def _wait(self, kind: type, seq: int | None = None):
@@ -110,9 +106,8 @@ class LearnerGroup:
         while time.monotonic() < deadline:
             if self.fit_error is not None:
                 raise RuntimeError(f"the learner (Ray Train) failed: {self.fit_error}") from self.fit_error
-            try:
-                msg = self.outbox.get(timeout=1.0)
-            except Empty:
+            msg = self.mail.reply(timeout=1.0)
+            if msg is None:
                 if not self.fit_thread.is_alive():
                     raise RuntimeError("the learner (Ray Train) stopped without answering")
                 continue
@@ -134,11 +129,8 @@ class LearnerGroup:
         print(f"treegrpo_ray: Ray Train restored the learner group (restart {self.restarts}) at weights version "
               f"{ready.version}; the run is at {self.version}: catching up from {self.checkpoint or 'the initial weights'}"
               f" and {len(self.since_checkpoint)} update(s) since it", flush=True)
-        for q in self.inboxes:
-            while not q.empty():
-                q.get_nowait()
+        self.mail.clear_ranks()
         if self.pending is not None:
             self.pending = replace(self.pending, replay=tuple(self.since_checkpoint))
-            for q in self.inboxes:
-                q.put(self.pending)
+            self.mail.to_ranks(self.pending)
 

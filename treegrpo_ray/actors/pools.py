@@ -24,7 +24,7 @@ from treegrpo_ray.system import EVAL_GRID_IMAGES, Collected, SampleRequest
 
 def on_driver_node() -> dict:
     """Options that keep an actor on the driver's node (hard affinity): the weight store and the
-    learner's queues, which the run cannot lose, go down only with the driver itself."""
+    learner's mailbox, which the run cannot lose, go down only with the driver itself."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 

@@ -1,5 +1,5 @@
 """The learner as one long-lived Ray Train loop (starting Ray Train costs ~10 s, so it starts
-once per run). Each worker pulls commands from its own queue; every rank gets every command so
+once per run). Each worker pulls commands from its own inbox (`mailbox`); every rank gets every command so
 DDP ranks always take the same number of steps. Rank 0 publishes weights to the WeightStore
 after each update, writes checkpoints and answers on the outbox. The commands and replies are
 the dataclasses of `learner_protocol` (Update | Save | Export in an Envelope, or Stop).
@@ -114,7 +114,7 @@ def _catch_up(cmd: Envelope, policy, learner) -> None:
 
 def learner_loop(config: dict) -> None:
     cfg, rank, policy, learner = _build(config)
-    inbox, outbox, store = config["inboxes"][rank], config["outbox"], config["store"]
+    mail, store = config["mail"], config["store"]
     # the store never goes backwards: a group restored behind it publishes again once it has caught up
     # to the store's version (the restored weights then equal the store's, republished bit for bit)
     behind = learner.version < ray.get(store.current_version.remote())
@@ -122,12 +122,12 @@ def learner_loop(config: dict) -> None:
         _publish(store, learner.version, policy, rank)
     if rank == 0:
         probe = config.get("probe")
-        outbox.put(Ready(version=learner.version, pid=os.getpid(), host=socket.gethostname(),
+        mail.answer(Ready(version=learner.version, pid=os.getpid(), host=socket.gethostname(),
                          sees_outputs=probe is None or storage.exists(probe),
                          node=ray.get_runtime_context().get_node_id()))
     done = 0  # highest seq run by this worker: a command re-sent after a restart runs once
     while True:
-        cmd = inbox.get()
+        cmd = mail.next(rank)
         if isinstance(cmd, Stop):
             return
         if cmd.seq <= done:
@@ -142,10 +142,10 @@ def learner_loop(config: dict) -> None:
             behind = behind and not isinstance(cmd.command, Update)  # an update published
         except (TrainingDiverged, LearnerBehind) as e:
             if rank == 0:
-                outbox.put(Failed(cmd.seq, str(e)))
+                mail.answer(Failed(cmd.seq, str(e)))
             return
         if rank == 0:
-            outbox.put(reply)
+            mail.answer(reply)
 
 
 def _run(cmd: Envelope, rank: int, policy, learner, store):
