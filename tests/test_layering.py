@@ -123,7 +123,20 @@ def test_the_driver_loads_no_model_libraries():
     pull in open_clip, diffusers or transformers (they load in the actors)."""
     assert loaded_by("treegrpo_ray.driver, treegrpo_ray.run", {"open_clip", "diffusers", "transformers", "peft",
                                                                 "ray"}) == []
-    assert "open_clip" in loaded_by("treegrpo_ray.rewards.scorers", {"open_clip"})  # the check can fail
+    assert "open_clip" in loaded_by("treegrpo_ray.rewards.scorers, open_clip", {"open_clip"})  # the check can fail
+
+
+def test_the_preflight_of_every_driver_loads_no_clip_library():
+    """preflight finds each reward's files before any cluster starts: a file-system check. It once
+    imported open_clip (and torchvision) through the reward modules, ~3 CPU-s in every driver and
+    in every process that scores a reward without a CLIP model; open_clip now loads with a CLIP model."""
+    code = ("import sys; from treegrpo_ray.builders import preflight; from treegrpo_ray.config import load_config; "
+            "preflight(load_config(None, [])); "
+            "import treegrpo_ray.rewards.scorers, treegrpo_ray.rewards.aesthetic, treegrpo_ray.rewards.imagereward; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'torchvision')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PKG.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_readme_layout_names_every_module_and_package():

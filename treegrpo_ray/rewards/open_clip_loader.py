@@ -27,10 +27,8 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # OpenAI's CLIP ViT-L/14 as open_clip publishes it (its pretrained tag "openai"; QuickGELU): the
@@ -126,6 +124,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_model_config(model_name: str | None = None, config: dict | str | Path | None = None) -> tuple[dict, dict]:
     """(model_cfg, preprocess_cfg) from exactly one of an open_clip model name or a custom config
     (dict or JSON path). preprocess_cfg holds mean/std/interpolation overrides (may be empty)."""
+    import open_clip  # here, not at the top: it costs ~3 CPU-s in a process that has no CLIP model to load
     if (model_name is None) == (config is None):
         raise ValueError("give exactly one of model_name (e.g. 'ViT-H-14') or config (dict or JSON path)")
     if model_name is not None:
@@ -153,6 +152,7 @@ def load_model_config(model_name: str | None = None, config: dict | str | Path |
 def build_model(model_cfg: dict) -> torch.nn.Module:
     """Instantiate CLIP / CustomTextCLIP from a config dict with random weights (as open_clip's
     create_model does for pretrained=None; CoCa configs are not supported)."""
+    import open_clip
     cfg = copy.deepcopy(model_cfg)
     if "multimodal_cfg" in cfg:
         raise ValueError("CoCa (multimodal_cfg) open_clip models are not supported as reward models")
@@ -167,6 +167,7 @@ def build_model(model_cfg: dict) -> torch.nn.Module:
 
 
 def build_tokenizer(model_name: str | None, model_cfg: dict):
+    import open_clip
     if model_name is not None:
         return open_clip.get_tokenizer(model_name)
     text_cfg = model_cfg["text_cfg"]
@@ -257,6 +258,7 @@ def load_open_clip(*, checkpoint: str | Path, model_name: str | None = None, con
                    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> OpenClipBundle:
     """Build the architecture (model name or custom config), load `checkpoint` strictly and safely,
     move to device/dtype, freeze. `checkpoint` must be an existing local file (see resolve_checkpoint)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     model_cfg, pre = load_model_config(model_name, config)
     model = build_model(model_cfg)
     load_weights_strict(model, load_state_dict(checkpoint), str(checkpoint))
