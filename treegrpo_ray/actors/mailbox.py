@@ -15,7 +15,7 @@ import ray
 OUT = "out"
 
 
-class _Boxes:
+class MailboxActor:
     def __init__(self, ranks: int):
         self.ranks = ranks
         self.boxes: dict = {OUT: asyncio.Queue(), **{r: asyncio.Queue() for r in range(ranks)}}
@@ -43,7 +43,7 @@ class Mailbox:
     """A handle both sides hold (it pickles into Ray Train's loop config)."""
 
     def __init__(self, ranks: int, actor_options: dict):
-        self.actor = ray.remote(_Boxes).options(num_cpus=0, **actor_options).remote(ranks)
+        self.actor = ray.remote(MailboxActor).options(num_cpus=0, **actor_options).remote(ranks)
 
     # the driver
     def to_ranks(self, item) -> None:
