@@ -166,14 +166,15 @@ def preflight(cfg: Config) -> None:
                               "eval_metrics / rewards.terms, or train on prompts=miniature") from None
     path = pipeline_path(cfg)
     looks_local = path.startswith(("/", "./", "../", "~"))  # anything else may be a hub id
+    local = Path(path).expanduser()
     if cfg.model.pretrained == "miniature" and not Path(path, "model_index.json").is_file():
         raise ConfigError(f"model.pretrained: the shipped miniature pipeline is missing at {path}; reinstall the "
                           "package or rebuild it with `python -m tools.miniature.build`")
-    if looks_local and not Path(path).expanduser().exists():
+    if looks_local and not local.exists():
         raise ConfigError(f"model.pretrained: local directory {path!r} does not exist; point it at a diffusers "
                           "pipeline directory (with model_index.json) or a hub id")
-    index = Path(path).expanduser() / "model_index.json"
-    if Path(path).expanduser().is_dir() and not index.is_file():
+    index = local / "model_index.json"
+    if local.is_dir() and not index.is_file():
         raise ConfigError(f"model.pretrained: {path!r} has no model_index.json, so it is not a diffusers pipeline "
                           "directory (what `save_pretrained` writes: model_index.json beside transformer/, vae/, ...); "
                           "point it at that directory")

@@ -10,8 +10,8 @@ import time
 from dataclasses import replace
 
 from treegrpo_ray import storage
-from treegrpo_ray.actors.mailbox import Mailbox
 from treegrpo_ray.actors.learner_protocol import REPLY, Envelope, Export, Failed, Ready, Save, Stop, Update, Updated
+from treegrpo_ray.actors.mailbox import Mailbox
 from treegrpo_ray.actors.pools import on_driver_node
 from treegrpo_ray.actors.train_loop import learner_loop
 from treegrpo_ray.config import Config

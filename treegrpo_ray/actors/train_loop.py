@@ -1,6 +1,6 @@
 """The learner as one long-lived Ray Train loop (starting Ray Train costs ~10 s, so it starts
-once per run). Each worker pulls commands from its own inbox (`mailbox`); every rank gets every command so
-DDP ranks always take the same number of steps. Rank 0 publishes weights to the WeightStore
+once per run). Each worker pulls commands from its own inbox of the `mailbox`; every rank gets
+every command so DDP ranks always take the same number of steps. Rank 0 publishes weights to the WeightStore
 after each update, writes checkpoints and answers on the outbox. The commands and replies are
 the dataclasses of `learner_protocol` (Update | Save | Export in an Envelope, or Stop).
 
